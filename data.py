@@ -1,0 +1,667 @@
+"""Stanford 2D-3D-S semantic segmentation: the data set, its transforms and loaders.
+
+The data set on disk (only what we read):
+
+    ROOT/assets/semantic_labels.json
+    ROOT/area_3/data/rgb/camera_<uuid>_<roomType>_<roomNum>_frame_<k>_domain_rgb.png
+    ROOT/area_3/data/semantic/camera_<uuid>_<roomType>_<roomNum>_frame_<k>_domain_semantic.png
+
+A pixel (R, G, B) of a semantic PNG is the 24-bit number R * 65536 + G * 256 + B, an index
+into the JSON list of labels such as "chair_12_office_3_5"; the class is the part before the
+first underscore. #0D0D0D (and any index past the end of the list) means "no data".
+
+Run `python data.py --help` for the command line: show a sample, a class histogram, a
+decoded cache, a check of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+# The 14 classes in the usual order: sorted names with <UNK> first. Index 0 is "unknown"
+# and is ignored by the losses and metrics.
+CLASSES: tuple[str, ...] = (
+    "<UNK>",
+    "beam",
+    "board",
+    "bookcase",
+    "ceiling",
+    "chair",
+    "clutter",
+    "column",
+    "door",
+    "floor",
+    "sofa",
+    "table",
+    "wall",
+    "window",
+)
+NUM_CLASSES = len(CLASSES)
+IGNORE_INDEX = 0
+
+# The areas as they are named on disk (area_5 was scanned in two parts).
+AREAS: tuple[str, ...] = ("1", "2", "3", "4", "5a", "5b", "6")
+
+# ImageNet statistics: the pretrained backbones of models.py expect them, and they are a
+# fine choice for a UNet trained from scratch too.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+LABELS_FILE = Path("assets") / "semantic_labels.json"
+RGB_SUFFIX = "_domain_rgb.png"
+SEMANTIC_SUFFIX = "_domain_semantic.png"
+# torchvision 0.29 announces that its PNG decoder will move to torchcodec; it is still the
+# fastest decoder among our dependencies, so we keep it and silence the notice.
+warnings.filterwarnings(
+    "ignore", message=".*image decoding and encoding", category=DeprecationWarning
+)
+FRAME_NAME = re.compile(r"^camera_(?P<camera>[0-9a-f]+)_(?P<room>.+)_frame_(?P<frame>\d+)$")
+
+
+class DataError(Exception):
+    """A problem with the data on disk; the message names the file or area and what to do."""
+
+
+def missing_datadir_message(root: str | Path) -> str:
+    return (
+        f"data directory {root} does not exist. Point --datadir (or $STANFORD2D3DS_ROOT) at "
+        "the 2D-3D-S root (download: http://buildingparser.stanford.edu/dataset.html), "
+        f"or make synthetic data in the same format: python synthetic.py --out {root}"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Labels
+
+
+def class_index_of_label(label: str) -> int:
+    """Class id of one entry of semantic_labels.json, e.g. "chair_12_office_3_5" -> 5."""
+    class_name = label.split("_", 1)[0]
+    if class_name not in CLASSES:
+        raise ValueError(f"label {label!r} has class {class_name!r}, not one of {CLASSES}")
+    return CLASSES.index(class_name)
+
+
+def load_label_table(labels_path: str | Path) -> torch.Tensor:
+    """Read semantic_labels.json into a lookup table from label index to class id.
+
+    Returns a `(N + 1,)` uint8 tensor for a file of N labels; its last entry is 0 (unknown)
+    and stands for every index past the end of the list, #0D0D0D included.
+    """
+    labels_path = Path(labels_path)
+    try:
+        labels = json.loads(labels_path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{labels_path} not found: a 2D-3D-S root holds assets/semantic_labels.json"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{labels_path} is not valid JSON: {error}") from None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise DataError(f"{labels_path} must hold a JSON list of strings")
+    try:
+        class_ids = [class_index_of_label(label) for label in labels]
+    except ValueError as error:
+        raise DataError(f"{labels_path}: {error}") from None
+    return torch.tensor([*class_ids, IGNORE_INDEX], dtype=torch.uint8)
+
+
+def decode_semantic(semantic_rgb: torch.Tensor, label_table: torch.Tensor) -> torch.Tensor:
+    """Turn the colors of a semantic PNG into class ids.
+
+    semantic_rgb: `(3, H, W)` uint8, the raw pixels of a `*_domain_semantic.png`.
+    label_table: `(N + 1,)` uint8 from `load_label_table`.
+    Returns `(H, W)` uint8 class ids (0 for unknown).
+    """
+    channels = semantic_rgb.to(torch.int32)
+    label_index = (channels[0] << 16) | (channels[1] << 8) | channels[2]
+    # Every index past the list (the #0D0D0D "no data" color among them) lands on the last
+    # entry of the table, which is "unknown".
+    label_index.clamp_(max=len(label_table) - 1)
+    return label_table[label_index]
+
+
+# ----------------------------------------------------------------------------------------
+# Frames on disk
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One view: its area ("5a"), room ("office_3"), name (file stem without the domain)."""
+
+    area: str
+    room: str
+    name: str
+    rgb_path: Path
+    semantic_path: Path
+
+
+def normalize_area(area: str | int) -> list[str]:
+    """Spellings of an area to the names on disk: "3", 3, "area_3" -> ["3"]; "5" -> 5a, 5b."""
+    name = str(area).strip().lower().removeprefix("area_").removeprefix("area")
+    if name == "5":
+        return ["5a", "5b"]
+    return [name]
+
+
+def areas_on_disk(root: str | Path) -> list[str]:
+    """The areas present under `root`, e.g. ["1", "3", "5a"]."""
+    root = Path(root)
+    found = [path.name.removeprefix("area_") for path in root.glob("area_*") if path.is_dir()]
+    return sorted(found)
+
+
+def resolve_areas(root: str | Path, areas: list[str] | None) -> list[str]:
+    """Check the requested areas against the disk; None means every area present."""
+    if not Path(root).is_dir():
+        raise DataError(missing_datadir_message(root))
+    present = areas_on_disk(root)
+    if not present:
+        raise DataError(f"no area_* folder under {root}: is this a 2D-3D-S root?")
+    if areas is None:
+        return present
+    resolved: list[str] = []
+    for area in areas:
+        for name in normalize_area(area):
+            if name not in present:
+                raise DataError(
+                    f"area {area!r} not found under {root} (areas found: {', '.join(present)})"
+                )
+            if name not in resolved:
+                resolved.append(name)
+    return resolved
+
+
+def list_frames(root: str | Path, areas: list[str] | None = None) -> list[Frame]:
+    """Every rgb frame of the given areas with its semantic file, sorted by area then name."""
+    root = Path(root)
+    frames: list[Frame] = []
+    for area in resolve_areas(root, areas):
+        rgb_dir = root / f"area_{area}" / "data" / "rgb"
+        semantic_dir = rgb_dir.parent / "semantic"
+        rgb_paths = sorted(rgb_dir.glob(f"*{RGB_SUFFIX}"))
+        if not rgb_paths:
+            raise DataError(f"no *{RGB_SUFFIX} file in {rgb_dir}")
+        for rgb_path in rgb_paths:
+            name = rgb_path.name.removesuffix(RGB_SUFFIX)
+            semantic_path = semantic_dir / f"{name}{SEMANTIC_SUFFIX}"
+            if not semantic_path.is_file():
+                raise DataError(f"{semantic_path} is missing (the labels of {rgb_path})")
+            match = FRAME_NAME.match(name)
+            room = match["room"] if match else "unknown"
+            frames.append(Frame(area, room, name, rgb_path, semantic_path))
+    return frames
+
+
+def read_png(path: Path) -> torch.Tensor:
+    """Decode an 8-bit PNG to a `(3, H, W)` uint8 tensor; a broken file names itself."""
+    try:
+        return decode_png(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"cannot read {path}: {error}".strip()) from None
+
+
+# ----------------------------------------------------------------------------------------
+# The data set
+
+
+class StanfordDataset(Dataset):
+    """Frames of Stanford 2D-3D-S (or of the synthetic generator) as (image, mask) pairs.
+
+    Without transforms, `ds[i]` is `(image, mask)`: image `(3, H, W)` uint8 and mask
+    `(H, W)` int64 class ids (0 = unknown). With transforms, they are called as
+    `transforms(tv_tensors.Image, tv_tensors.Mask)`, where the mask still holds the raw
+    `(3, H, W)` colors of the semantic PNG: geometric transforms resize masks with nearest
+    neighbour, which moves those colors exactly, and decoding the labels afterwards works
+    on the (smaller) output instead of the full 1080x1080 frame.
+
+    `ds.frames[i]` tells the area, room and file of frame i.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        areas: list[str] | None = None,
+        transforms: T.Transform | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(missing_datadir_message(self.root))
+        self.frames = list_frames(self.root, areas)
+        self.areas = sorted({frame.area for frame in self.frames})
+        self.label_table = load_label_table(self.root / LABELS_FILE)
+        self.transforms = transforms
+        self.skip_bad = skip_bad
+        # One flag per frame in shared memory, so that loader workers can report the broken
+        # frames they skipped to the main process.
+        self.bad = torch.zeros(len(self.frames), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.skip_bad:
+            return self.load(index)
+        # A broken frame is flagged and replaced by the next readable one, so that batches
+        # keep their size.
+        for offset in range(len(self.frames)):
+            candidate = (index + offset) % len(self.frames)
+            try:
+                return self.load(candidate)
+            except DataError as error:
+                if not self.bad[candidate]:
+                    print(f"warning: skipping {error}", file=sys.stderr)
+                self.bad[candidate] = True
+        raise DataError(f"every frame under {self.root} is unreadable")
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame `index` as `(image (3, H, W) uint8, mask (H, W) int64)`, transforms applied."""
+        frame = self.frames[index]
+        image = read_png(frame.rgb_path)
+        semantic = read_png(frame.semantic_path)
+        if image.shape != semantic.shape:
+            raise DataError(
+                f"{frame.rgb_path} is {tuple(image.shape[1:])} but {frame.semantic_path} "
+                f"is {tuple(semantic.shape[1:])}: rgb and semantic must have the same size"
+            )
+        if self.transforms is not None:
+            image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))
+        mask = decode_semantic(semantic.as_subclass(torch.Tensor), self.label_table)
+        return image.as_subclass(torch.Tensor), mask.long()
+
+    def bad_paths(self) -> list[Path]:
+        """The rgb files of the frames skipped so far as unreadable (with `skip_bad`)."""
+        return [self.frames[i].rgb_path for i in self.bad.nonzero().flatten().tolist()]
+
+
+# ----------------------------------------------------------------------------------------
+# Transforms and normalization
+
+
+def train_transforms(
+    img_size: int, scale: tuple[float, float] = (0.25, 1.0), jitter: float = 0.2
+) -> T.Transform:
+    """Random resized crop to `img_size` x `img_size`, horizontal flip, mild color jitter.
+
+    Image and mask move together (v2 transforms act on both); masks are resized with
+    nearest neighbour and the color jitter touches only the image.
+    """
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=scale, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
+        ]
+    )
+
+
+def eval_transforms(img_size: int, resize_mask: bool = True) -> T.Transform:
+    """Deterministic resize to `img_size` x `img_size`.
+
+    With `resize_mask=False` only the image is resized: the metrics are then computed at the
+    labels' full resolution, the logits being upsampled to the mask size.
+    """
+    resize = T.Resize((img_size, img_size), antialias=True)
+    if resize_mask:
+        return resize
+
+    def resize_image_only(image: torch.Tensor, mask: torch.Tensor) -> tuple:
+        return resize(image), mask
+
+    return resize_image_only
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """The one normalization of the project: `(B, 3, H, W)` uint8 -> float32 standardized.
+
+    Applied on the device, after the copy, so that the loader moves 4x fewer bytes.
+    """
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize`: `(B, 3, H, W)` float32 -> uint8 (for pictures)."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return ((images * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# Splits and subsets
+
+
+def split_by_room(
+    frames: list[Frame], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Hold out whole rooms: `(train_indices, val_indices)` into `frames`.
+
+    Frames of one room are near-duplicates, so a random split of frames would leak the
+    validation rooms into training. Rooms are drawn with `seed`; at least one room goes to
+    each side when there are two or more.
+    """
+    rooms = sorted({(frame.area, frame.room) for frame in frames})
+    random.Random(seed).shuffle(rooms)
+    num_val = min(max(1, round(val_fraction * len(rooms))), len(rooms) - 1)
+    val_rooms = set(rooms[:num_val])
+    train_indices, val_indices = [], []
+    for index, frame in enumerate(frames):
+        side = val_indices if (frame.area, frame.room) in val_rooms else train_indices
+        side.append(index)
+    return train_indices, val_indices
+
+
+def subset_indices(num_frames: int, subset: int | None) -> list[int]:
+    """`subset` indices spread evenly over `range(num_frames)` (all when None or too big).
+
+    Spreading, rather than taking the first frames, keeps every area and most rooms.
+    """
+    if subset is None or subset >= num_frames:
+        return list(range(num_frames))
+    if subset <= 0:
+        raise ValueError(f"subset must be positive, got {subset}")
+    step = num_frames / subset
+    return [math.floor(i * step) for i in range(subset)]
+
+
+# ----------------------------------------------------------------------------------------
+# Loaders
+
+
+class ShardSampler(Sampler):
+    """Frames `rank, rank + world, ...` for evaluation under torch.distributed.
+
+    Unlike DistributedSampler it never repeats a frame to even out the shards, so the
+    metrics summed over processes count every frame exactly once.
+    """
+
+    def __init__(self, num_frames: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, num_frames, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader: shuffled with drop_last for training, in order for evaluation.
+
+    Under torch.distributed each process gets its own shard of the frames.
+    """
+    rank, world_size = distributed_rank_and_size()
+    sampler: Sampler | None = None
+    if world_size > 1 and train:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
+    elif world_size > 1:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=train,
+        persistent_workers=workers > 0,
+        generator=generator,
+    )
+
+
+def get_datasets(
+    root: str | Path,
+    train_areas: list[str],
+    val_areas: list[str] | None = None,
+    img_size: int = 256,
+    subset: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    scale: tuple[float, float] = (0.25, 1.0),
+    skip_bad: bool = False,
+) -> tuple[Subset, Subset]:
+    """Training and validation sets: by area, or by held-out rooms without `val_areas`.
+
+    Each is a `Subset` of a `StanfordDataset`: `subset.dataset.frames[subset.indices[i]]`
+    is the frame of sample i.
+    """
+    train_set = StanfordDataset(root, train_areas, train_transforms(img_size, scale), skip_bad)
+    if val_areas:
+        val_set = StanfordDataset(root, val_areas, eval_transforms(img_size), skip_bad)
+        train_indices = list(range(len(train_set)))
+        val_indices = list(range(len(val_set)))
+    else:
+        val_set = StanfordDataset(root, train_areas, eval_transforms(img_size), skip_bad)
+        train_indices, val_indices = split_by_room(train_set.frames, val_fraction, seed)
+    overlap = {train_set.frames[i].rgb_path for i in train_indices} & {
+        val_set.frames[i].rgb_path for i in val_indices
+    }
+    if overlap:
+        raise DataError(f"{len(overlap)} frames are in both training and validation areas")
+    train_indices = [train_indices[i] for i in subset_indices(len(train_indices), subset)]
+    val_indices = [val_indices[i] for i in subset_indices(len(val_indices), subset)]
+    return Subset(train_set, train_indices), Subset(val_set, val_indices)
+
+
+def get_dataloaders(
+    root: str | Path,
+    train_areas: list[str],
+    val_areas: list[str] | None = None,
+    img_size: int = 256,
+    batch_size: int = 8,
+    workers: int = 0,
+    subset: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    pin_memory: bool = False,
+    skip_bad: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders yielding `(B, 3, S, S)` uint8 and `(B, S, S)` int64.
+
+    Pass `pin_memory=True` when training on CUDA: pinned batches copy to the GPU
+    asynchronously (`.to(device, non_blocking=True)`).
+    """
+    train_set, val_set = get_datasets(
+        root, train_areas, val_areas, img_size, subset, val_fraction, seed, skip_bad=skip_bad
+    )
+    train_loader = make_loader(train_set, batch_size, True, workers, pin_memory, seed)
+    val_loader = make_loader(val_set, batch_size, False, workers, pin_memory, seed)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: show, histogram, check
+
+
+def class_histogram(dataset: StanfordDataset, progress: bool = True) -> torch.Tensor:
+    """Pixel count per class over every frame of `dataset`: `(NUM_CLASSES,)` int64."""
+    from tqdm import tqdm
+
+    counts = torch.zeros(NUM_CLASSES, dtype=torch.int64)
+    for frame in tqdm(dataset.frames, desc="histogram", disable=not progress):
+        mask = decode_semantic(read_png(frame.semantic_path), dataset.label_table)
+        counts += torch.bincount(mask.flatten(), minlength=NUM_CLASSES)
+    return counts
+
+
+def command_histogram(args: argparse.Namespace) -> None:
+    dataset = StanfordDataset(args.datadir, args.areas)
+    counts = class_histogram(dataset)
+    shares = (counts / counts.sum()).tolist()
+    print(f"{len(dataset)} frames of areas {', '.join(dataset.areas)}")
+    print(f"{'class':<10} {'pixels':>14} {'share':>8}")
+    for name, count, share in zip(CLASSES, counts.tolist(), shares, strict=True):
+        print(f"{name:<10} {count:>14,d} {share:>8.2%}")
+    result = {
+        "areas": dataset.areas,
+        "frames": len(dataset),
+        "classes": list(CLASSES),
+        "pixel_count": counts.tolist(),
+        "pixel_share": shares,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+def command_show(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils import colorize, legend_handles
+
+    dataset = StanfordDataset(args.datadir, args.areas)
+    if not 0 <= args.index < len(dataset):
+        raise DataError(f"--index {args.index} is out of range: {len(dataset)} frames")
+    image, mask = dataset[args.index]
+    frame = dataset.frames[args.index]
+    present = [CLASSES[i] for i in torch.unique(mask).tolist()]
+    print(f"frame   {frame.name} (area {frame.area}, room {frame.room})")
+    print(f"image   shape {tuple(image.shape)} dtype {image.dtype}")
+    print(f"mask    shape {tuple(mask.shape)} dtype {mask.dtype}")
+    print(f"classes {', '.join(present)}")
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
+    axes[0].imshow(image.permute(1, 2, 0).numpy())
+    axes[0].set_title(f"area {frame.area}, {frame.room}")
+    axes[1].imshow(colorize(mask).permute(1, 2, 0).numpy())
+    axes[1].set_title("labels")
+    for axis in axes:
+        axis.axis("off")
+    figure.legend(handles=legend_handles(), loc="center right", fontsize=8)
+    figure.subplots_adjust(right=0.85)
+    figure.savefig(args.out, dpi=100)
+    plt.close(figure)
+    print(f"wrote {args.out}")
+
+
+def check_frame(frame: Frame) -> str | None:
+    """Why one frame cannot be used (unreadable file, sizes differ), or None when it is fine."""
+    try:
+        image, semantic = read_png(frame.rgb_path), read_png(frame.semantic_path)
+    except DataError as error:
+        return str(error)
+    if image.shape != semantic.shape:
+        return (
+            f"{frame.rgb_path} is {tuple(image.shape[1:])} but {frame.semantic_path} is "
+            f"{tuple(semantic.shape[1:])}"
+        )
+    return None
+
+
+def command_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    root = Path(args.datadir)
+    problems: list[str] = []
+    frames: list[Frame] = []
+    load_label_table(root / LABELS_FILE)
+    for area in resolve_areas(root, args.areas):
+        rgb_dir = root / f"area_{area}" / "data" / "rgb"
+        semantic_dir = rgb_dir.parent / "semantic"
+        rgb_names = {p.name.removesuffix(RGB_SUFFIX) for p in rgb_dir.glob(f"*{RGB_SUFFIX}")}
+        semantic_names = {
+            p.name.removesuffix(SEMANTIC_SUFFIX) for p in semantic_dir.glob(f"*{SEMANTIC_SUFFIX}")
+        }
+        for name in sorted(rgb_names - semantic_names):
+            problems.append(f"{semantic_dir / (name + SEMANTIC_SUFFIX)} is missing")
+        for name in sorted(semantic_names - rgb_names):
+            problems.append(f"{rgb_dir / (name + RGB_SUFFIX)} is missing")
+        for name in sorted(rgb_names & semantic_names):
+            rgb_path = rgb_dir / f"{name}{RGB_SUFFIX}"
+            frames.append(
+                Frame(area, "", name, rgb_path, semantic_dir / f"{name}{SEMANTIC_SUFFIX}")
+            )
+    for frame in tqdm(frames, desc="check"):
+        problem = check_frame(frame)
+        if problem:
+            problems.append(problem)
+    for problem in problems:
+        print(problem)
+    print(f"checked {len(frames)} frames: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def default_datadir() -> str:
+    """$STANFORD2D3DS_ROOT when set, else data/stanford2d3ds."""
+    import os
+
+    return os.environ.get("STANFORD2D3DS_ROOT", "data/stanford2d3ds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_data_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--datadir",
+            default=default_datadir(),
+            help="2D-3D-S root (default: $STANFORD2D3DS_ROOT, else data/stanford2d3ds)",
+        )
+        command.add_argument(
+            "--areas", nargs="+", default=None, help='areas, e.g. 1 2 5a ("5" = 5a 5b); all'
+        )
+
+    show = commands.add_parser("show", help="plot one frame, its colorized labels and legend")
+    add_data_arguments(show)
+    show.add_argument("--index", type=int, default=0, help="frame index in the listed areas")
+    show.add_argument("--out", default="sample.png", help="picture to write")
+    histogram = commands.add_parser("histogram", help="pixel share of each class")
+    add_data_arguments(histogram)
+    histogram.add_argument("--out", default=None, help="also write the numbers as JSON")
+    check = commands.add_parser("check", help="find unreadable, missing or mismatched files")
+    add_data_arguments(check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "show":
+            command_show(args)
+        elif args.command == "histogram":
+            command_histogram(args)
+        elif args.command == "check":
+            return command_check(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Segmentation models: the handout's UNet and stronger torchvision models for going further.
+
+The UNet (Ronneberger et al., 2015) is an encoder-decoder with skip connections:
+
+- The encoder is ``num_blocks`` conv blocks. Each block applies two Conv 3x3 - ReLU - BatchNorm
+  layers, hands its feature map to the decoder and max-pools it to half size, while the channel
+  count doubles from block to block (``base_chan``, ``2 * base_chan``, ...). A last Conv - ReLU -
+  BatchNorm doubles the channels once more at 1 / 2**num_blocks of the input size.
+- The decoder mirrors it: each up block upsamples x2, convolves to half the channels,
+  concatenates the encoder's feature map of the same size (the skip connection that brings back
+  fine detail lost by pooling) and applies two Conv - ReLU - BatchNorm layers. A final 1x1 conv
+  gives one logit per class and pixel.
+
+The layers are Conv - ReLU - BatchNorm, in this order, as in the handout.
+
+Input size: every max-pool halves the size, rounding down, and every up block doubles it. The
+concatenation needs the upsampled map to have exactly the size of the encoder's map, which holds
+at every level only when H and W are multiples of 2**num_blocks (e.g. 16 for 4 blocks: a height
+of 250 would pool to 125, then 62, and upsample back to 124, not 125). ``UNet`` therefore pads the
+image at the bottom and right up to the next multiple and crops the logits back, so it takes any
+H, W.
+
+Beyond the UNet, ``build_model`` also builds torchvision's DeepLabV3-ResNet50 and
+LRASPP-MobileNetV3-Large with a new head for our class count, optionally from ImageNet weights
+for the backbone. Every model maps a (B, C, H, W) float image batch to (B, K, H, W) logits.
+
+A model is described by a plain config dict that a checkpoint can store::
+
+    config = model_config("unet", num_classes=14, base_chan=32)
+    model = build_model(**config)
+
+Run ``python models.py --model unet --img-size 256`` for a summary of a model: its parameters,
+output shape and forward GFLOP per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
+
+import data
+
+
+class UNetConvBlock(nn.Module):
+    """One encoder level: two Conv 3x3 - ReLU - BatchNorm layers, then a 2x2 max-pool."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(
+            nn.Conv2d(cin, cout, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cout),
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(cout, cout, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cout),
+        )
+        self.block3 = nn.MaxPool2d(kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, cin, H, W) float -> pooled (B, cout, H/2, W/2) and features (B, cout, H, W)."""
+        features = self.block2(self.block1(x))
+        return self.block3(features), features
+
+
+class UNetEncoder(nn.Module):
+    """``num_blocks`` conv blocks doubling the channels from ``base_chan``, then a last conv."""
+
+    def __init__(self, cin: int, num_blocks: int, base_chan: int = 64) -> None:
+        super().__init__()
+        channels = [cin] + [base_chan * 2**i for i in range(num_blocks)]
+        self.blocks = nn.ModuleList(
+            UNetConvBlock(channels[i], channels[i + 1]) for i in range(num_blocks)
+        )
+        self.cout = base_chan * 2**num_blocks
+        self.last_block = nn.Sequential(
+            nn.Conv2d(channels[-1], self.cout, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(self.cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, cin, H, W) float, H and W multiples of 2**num_blocks -> outputs and features.
+
+        outputs: (B, cout, H / 2**num_blocks, W / 2**num_blocks).
+        features: one map per block, (B, base_chan * 2**i, H / 2**i, W / 2**i) for block i.
+        """
+        features = []
+        for block in self.blocks:
+            x, block_features = block(x)
+            features.append(block_features)
+        return self.last_block(x), features
+
+
+class UNetUpConvBlock(nn.Module):
+    """One decoder level: upsample x2 and halve the channels, concatenate the skip, two convs."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.upconv = nn.Sequential(
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(cin, cin // 2, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cin // 2),
+        )
+        # The concatenation brings the channels back to cin: cin // 2 upsampled + cin // 2 skip.
+        self.convblock = nn.Sequential(
+            nn.Conv2d(cin, cout, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cout),
+            nn.Conv2d(cout, cout, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
+        """(B, cin, h, w) and encoder features (B, cin // 2, 2h, 2w) -> (B, cout, 2h, 2w)."""
+        upsampled = self.upconv(x)
+        return self.convblock(torch.cat([upsampled, encoder_features], dim=1))
+
+
+class UNetDecoder(nn.Module):
+    """A first conv, ``num_blocks`` up blocks halving the channels, then a 1x1 conv to logits."""
+
+    def __init__(self, cin: int, num_blocks: int, num_classes: int) -> None:
+        super().__init__()
+        self.first_block = nn.Sequential(
+            nn.Conv2d(cin, cin, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(cin),
+        )
+        channels = [cin // 2**i for i in range(num_blocks + 1)]
+        self.blocks = nn.ModuleList(
+            UNetUpConvBlock(channels[i], channels[i + 1]) for i in range(num_blocks)
+        )
+        self.last_conv = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
+
+    def forward(
+        self, encoder_outputs: torch.Tensor, encoder_features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Encoder outputs (B, cin, h, w) and its features, finest first -> logits.
+
+        Returns (B, num_classes, h * 2**num_blocks, w * 2**num_blocks) float.
+        """
+        if len(encoder_features) != len(self.blocks):
+            raise ValueError(
+                f"encoder_features has {len(encoder_features)} maps but the decoder has "
+                f"{len(self.blocks)} blocks; build encoder and decoder with the same num_blocks"
+            )
+        x = self.first_block(encoder_outputs)
+        # The coarsest encoder map joins the first up block: walk the features backwards.
+        for block, features in zip(self.blocks, reversed(encoder_features), strict=True):
+            x = block(x, features)
+        return self.last_conv(x)
+
+
+class UNet(nn.Module):
+    """The handout's UNet for images of any size (padded to a multiple of 2**num_blocks)."""
+
+    def __init__(
+        self, num_classes: int, num_blocks: int = 4, cin: int = 3, base_chan: int = 64
+    ) -> None:
+        super().__init__()
+        for arg_name, value in [
+            ("num_classes", num_classes),
+            ("num_blocks", num_blocks),
+            ("cin", cin),
+            ("base_chan", base_chan),
+        ]:
+            if value < 1:
+                raise ValueError(f"UNet: {arg_name} must be at least 1, got {value}")
+        self.num_blocks = num_blocks
+        self.cin = cin
+        self.encoder = UNetEncoder(cin, num_blocks, base_chan)
+        self.decoder = UNetDecoder(self.encoder.cout, num_blocks, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, cin, H, W) float, any H, W -> logits (B, num_classes, H, W) float.
+
+        Under autocast the logits come out in the autocast dtype (e.g. bfloat16).
+        """
+        check_images(images, self.cin)
+        height, width = images.shape[-2:]
+        multiple = 2**self.num_blocks
+        pad_bottom, pad_right = -height % multiple, -width % multiple
+        if pad_bottom or pad_right:
+            # Replicating the border keeps the padding close to the image statistics; zeros
+            # would add a sharp artificial edge for the first convs to react to.
+            images = F.pad(images, (0, pad_right, 0, pad_bottom), mode="replicate")
+        outputs, features = self.encoder(images)
+        logits = self.decoder(outputs, features)
+        return logits[..., :height, :width]
+
+
+class TorchvisionSegmentation(nn.Module):
+    """Wraps a torchvision segmentation model so that forward returns its plain logits tensor.
+
+    torchvision's models return a dict ``{"out": logits}`` (plus ``"aux"`` with an auxiliary
+    head); the rest of the project expects a tensor from every model.
+    """
+
+    def __init__(self, net: nn.Module, min_train_batch: int = 1) -> None:
+        super().__init__()
+        self.net = net
+        self.min_train_batch = min_train_batch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float -> logits (B, num_classes, H, W) float."""
+        check_images(images, 3)
+        if self.training and images.shape[0] < self.min_train_batch:
+            raise ValueError(
+                f"this model needs a batch of at least {self.min_train_batch} images in training "
+                f"mode (BatchNorm on its 1x1 image-pooling branch), got {images.shape[0]}; "
+                "raise the batch size or call model.eval()"
+            )
+        return self.net(images)["out"]
+
+
+def check_images(images: torch.Tensor, channels: int) -> None:
+    """Raise a ValueError unless images is a (B, channels, H, W) floating point tensor."""
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(
+            f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}; "
+            "add a batch dimension with images.unsqueeze(0) for a single image"
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float tensor, got {images.dtype}; convert with images.float()"
+        )
+
+
+# Builders: one function per model. Their keyword defaults are the model's options, so that
+# model_config fills them in and checks option names and types from this single place.
+
+
+def build_unet(num_classes: int, num_blocks: int = 4, base_chan: int = 64, cin: int = 3) -> UNet:
+    """The handout's UNet, trained from scratch (about 34.5 M parameters with the defaults)."""
+    return UNet(num_classes, num_blocks=num_blocks, cin=cin, base_chan=base_chan)
+
+
+def build_deeplabv3_resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+    """DeepLabV3 with a dilated ResNet-50 backbone (about 39.6 M parameters).
+
+    pretrained: start the backbone from ImageNet weights (downloaded once by torchvision). The
+    COCO-trained heads are not used since their classes differ from ours. ImageNet weights expect
+    images normalized with the ImageNet mean and std.
+    """
+    weights_backbone = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
+    net = segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=weights_backbone, num_classes=num_classes, aux_loss=False
+    )
+    return TorchvisionSegmentation(net, min_train_batch=2)
+
+
+def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: bool = False) -> nn.Module:
+    """LR-ASPP with a MobileNetV3-Large backbone: small and fast (about 3.2 M parameters).
+
+    pretrained: start the backbone from ImageNet weights, as for DeepLabV3.
+    """
+    weights_backbone = MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained else None
+    net = segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=weights_backbone, num_classes=num_classes
+    )
+    return TorchvisionSegmentation(net)
+
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "unet": build_unet,
+    "deeplabv3_resnet50": build_deeplabv3_resnet50,
+    "lraspp_mobilenet_v3_large": build_lraspp_mobilenet_v3_large,
+}
+
+
+def available_models() -> tuple[str, ...]:
+    """Names accepted by build_model and model_config."""
+    return tuple(MODEL_BUILDERS)
+
+
+def default_options(name: str) -> dict[str, Any]:
+    """The options of model ``name`` and their defaults, e.g. {"pretrained": False}."""
+    if name not in MODEL_BUILDERS:
+        raise ValueError(
+            f"unknown model name {name!r}; available models: {', '.join(available_models())}"
+        )
+    parameters = inspect.signature(MODEL_BUILDERS[name]).parameters
+    return {key: param.default for key, param in parameters.items() if key != "num_classes"}
+
+
+def model_config(name: str, num_classes: int, **options: Any) -> dict[str, Any]:
+    """A plain dict describing a model, all defaults filled in, for build_model(**config).
+
+    Only str/int/float/bool values, so it fits in a checkpoint or a JSON file.
+    """
+    defaults = default_options(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option {', '.join(unknown)}; "
+            f"its options are: {', '.join(defaults) or 'none'}"
+        )
+    for key, value in options.items():
+        expected = type(defaults[key])
+        # A float option accepts an int; a bool is an int to Python but never one here.
+        accepted = type(value) is expected or (expected is float and type(value) is int)
+        if not accepted:
+            raise TypeError(
+                f"option {key!r} of model {name!r} must be a {expected.__name__}, got {value!r}"
+            )
+    return {"name": name, "num_classes": num_classes, **defaults, **options}
+
+
+def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` output channels; options as in model_config.
+
+    The model maps (B, C, H, W) float images to (B, num_classes, H, W) float logits.
+    """
+    config = model_config(name, num_classes, **options)
+    del config["name"]
+    return MODEL_BUILDERS[name](**config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters of model."""
+    return sum(param.numel() for param in model.parameters())
+
+
+def summarize(model: nn.Module, images: torch.Tensor) -> str:
+    """Parameters, output shape and forward GFLOP per image of model on images (B, C, H, W)."""
+    with FlopCounterMode(display=False) as flop_counter:
+        logits = model(images)
+    lines = [f"parameters: {count_parameters(model):,}"]
+    inner = model.net if isinstance(model, TorchvisionSegmentation) else model
+    for child_name, child in inner.named_children():
+        lines.append(f"  {child_name}: {count_parameters(child):,}")
+    gflop_per_image = flop_counter.get_total_flops() / images.shape[0] / 1e9
+    lines += [
+        f"input shape: {tuple(images.shape)}",
+        f"output shape: {tuple(logits.shape)}",
+        f"forward GFLOP per image: {gflop_per_image:.4g}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print the summary of one model."""
+    parser = argparse.ArgumentParser(
+        description="Print a model's parameters, output shape and forward GFLOP per image."
+    )
+    parser.add_argument("--model", default="unet", choices=available_models())
+    parser.add_argument("--num-classes", type=int, default=data.NUM_CLASSES)
+    parser.add_argument("--img-size", type=int, default=256, help="side of a square image")
+    parser.add_argument("--num-blocks", type=int, help="UNet only (default 4)")
+    parser.add_argument("--base-chan", type=int, help="UNet only (default 64)")
+    args = parser.parse_args(argv)
+    if args.img_size < 1:
+        parser.error(f"--img-size must be at least 1, got {args.img_size}")
+    unet_options = {"num_blocks": args.num_blocks, "base_chan": args.base_chan}
+    options = {key: value for key, value in unet_options.items() if value is not None}
+    # On the meta device, shapes and FLOPs come out without allocating or computing anything,
+    # so even the full-size UNet on large images is summarized at once.
+    try:
+        config = model_config(args.model, args.num_classes, **options)
+        with torch.device("meta"):
+            model = build_model(**config).eval()
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    images = torch.empty(1, config.get("cin", 3), args.img_size, args.img_size, device="meta")
+    print(f"model: {config}")
+    print(summarize(model, images))
+
+
+if __name__ == "__main__":
+    main()

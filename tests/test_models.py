@@ -1,0 +1,268 @@
+"""Tests for models.py: block shapes, any input size, the registry, configs, formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet50_Weights
+
+import models
+
+# Small enough to run forward and backward in milliseconds on a CPU.
+TINY_UNET = {"num_blocks": 2, "base_chan": 4}
+# Cheap options per registry model; the torchvision models have no size options.
+CHEAP_OPTIONS = {"unet": {"num_blocks": 3, "base_chan": 8}}
+
+
+def tiny_unet(num_classes: int = 5) -> models.UNet:
+    torch.manual_seed(0)
+    return models.UNet(num_classes, **TINY_UNET)
+
+
+def test_conv_block_pools_and_returns_features_before_pooling():
+    block = models.UNetConvBlock(3, 8)
+    pooled, features = block(torch.randn(2, 3, 32, 64))
+    assert pooled.shape == (2, 8, 16, 32)
+    assert features.shape == (2, 8, 32, 64)
+    torch.testing.assert_close(pooled, F.max_pool2d(features, 2))
+
+
+def test_handout_layer_names():
+    block = models.UNetConvBlock(3, 8)
+    assert [type(layer) for layer in block.block1] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+    assert isinstance(block.block3, nn.MaxPool2d)
+    encoder = models.UNetEncoder(3, 2, base_chan=4)
+    assert [type(layer) for layer in encoder.last_block] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+    up_block = models.UNetUpConvBlock(16, 8)
+    assert isinstance(up_block.upconv[0], nn.Upsample)
+    assert len(up_block.convblock) == 6
+    decoder = models.UNetDecoder(16, 2, 5)
+    assert decoder.first_block[0].out_channels == 16
+    assert decoder.last_conv.kernel_size == (1, 1)
+
+
+def test_encoder_shapes_from_the_handout():
+    encoder = models.UNetEncoder(12, 3)
+    outputs, features = encoder(torch.randn(2, 12, 32, 64))
+    assert encoder.cout == 512
+    assert outputs.shape == (2, 512, 4, 8)
+    assert [f.shape for f in features] == [
+        (2, 64, 32, 64),
+        (2, 128, 16, 32),
+        (2, 256, 8, 16),
+    ]
+
+
+def test_up_block_doubles_size_and_sets_channels():
+    up_block = models.UNetUpConvBlock(512, 256)
+    out = up_block(torch.randn(2, 512, 4, 8), torch.randn(2, 256, 8, 16))
+    assert out.shape == (2, 256, 8, 16)
+
+
+def test_decoder_mirrors_the_encoder():
+    encoder = models.UNetEncoder(12, 3)
+    decoder = models.UNetDecoder(encoder.cout, 3, num_classes=14)
+    outputs, features = encoder(torch.randn(2, 12, 32, 64))
+    logits = decoder(outputs, features)
+    assert logits.shape == (2, 14, 32, 64)
+    up_channels = [block.convblock[0].out_channels for block in decoder.blocks]
+    assert up_channels == [256, 128, 64]
+
+
+def test_decoder_rejects_wrong_number_of_feature_maps():
+    decoder = models.UNetDecoder(16, 2, num_classes=3)
+    with pytest.raises(ValueError, match="num_blocks"):
+        decoder(torch.randn(1, 16, 2, 2), [torch.randn(1, 4, 8, 8)])
+
+
+def test_handout_unet_parameter_count():
+    with torch.device("meta"):
+        model = models.UNet(14)
+    assert models.count_parameters(model) == pytest.approx(34.5e6, rel=0.005)
+
+
+def test_handout_unet_keeps_an_odd_input_size():
+    # The meta device checks the shapes of the full-size UNet without computing anything.
+    with torch.device("meta"):
+        model = models.UNet(14)
+        logits = model(torch.empty(1, 3, 250, 333))
+    assert logits.shape == (1, 14, 250, 333)
+
+
+@pytest.mark.parametrize("height, width", [(250, 333), (17, 5), (1, 1), (32, 48)])
+def test_unet_any_input_size(height, width):
+    logits = tiny_unet()(torch.randn(2, 3, height, width))
+    assert logits.shape == (2, 5, height, width)
+
+
+def test_unet_crops_the_padding_below_and_right():
+    # Padding goes below and to the right: the logits of a 14x13 image equal the top-left
+    # corner of the logits of the same image padded the same way to 16x16 beforehand.
+    model = tiny_unet().eval()
+    images = torch.randn(1, 3, 14, 13)
+    padded = F.pad(images, (0, 3, 0, 2), mode="replicate")
+    torch.testing.assert_close(model(images), model(padded)[..., :14, :13])
+
+
+def test_unet_rejects_bad_images():
+    model = tiny_unet()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="float"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_unet_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_blocks"):
+        models.UNet(14, num_blocks=0)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_unet()
+    images = torch.randn(2, 3, 20, 24)
+    targets = torch.randint(0, 5, (2, 20, 24))
+    # Cross-entropy rather than logits.sum(): a gradient constant over the batch vanishes
+    # through a BatchNorm in training mode and would starve the earlier layers.
+    F.cross_entropy(model(images), targets).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name", models.available_models())
+def test_registry_model_forward_backward(name):
+    torch.manual_seed(0)
+    model = models.build_model(name, 3, **CHEAP_OPTIONS.get(name, {}))
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert isinstance(logits, torch.Tensor)
+    assert logits.shape == (2, 3, 64, 64)
+    F.cross_entropy(logits, torch.randint(0, 3, (2, 64, 64))).backward()
+    grads = [param.grad for param in model.parameters()]
+    assert all(grad is not None for grad in grads)
+
+
+def test_registry_has_unet_and_a_torchvision_model():
+    names = models.available_models()
+    assert "unet" in names
+    assert "deeplabv3_resnet50" in names
+    assert "lraspp_mobilenet_v3_large" in names
+
+
+@pytest.mark.parametrize("name", models.available_models())
+def test_config_round_trips_through_json(name):
+    config = models.model_config(name, 7, **CHEAP_OPTIONS.get(name, {}))
+    assert all(type(value) in (str, int, float, bool) for value in config.values())
+    stored = json.loads(json.dumps(config))
+    assert stored == config
+    with torch.device("meta"):
+        first = models.build_model(**config).state_dict()
+        rebuilt = models.build_model(**stored).state_dict()
+    assert list(rebuilt) == list(first)
+    assert [t.shape for t in rebuilt.values()] == [t.shape for t in first.values()]
+
+
+def test_config_fills_in_defaults():
+    assert models.model_config("unet", 14) == {
+        "name": "unet",
+        "num_classes": 14,
+        "num_blocks": 4,
+        "base_chan": 64,
+        "cin": 3,
+    }
+    assert models.model_config("deeplabv3_resnet50", 14)["pretrained"] is False
+
+
+def test_unknown_model_name_lists_available_models():
+    with pytest.raises(ValueError, match="unknown model name 'resnet'") as error:
+        models.build_model("resnet", 14)
+    for name in models.available_models():
+        assert name in str(error.value)
+
+
+def test_unknown_option_names_the_options():
+    with pytest.raises(ValueError, match="no option pretrained.*num_blocks, base_chan, cin"):
+        models.build_model("unet", 14, pretrained=True)
+    with pytest.raises(ValueError, match="no option base_chan.*pretrained"):
+        models.model_config("lraspp_mobilenet_v3_large", 14, base_chan=8)
+
+
+def test_wrong_option_type_is_an_error():
+    with pytest.raises(TypeError, match="'num_blocks'.*int"):
+        models.model_config("unet", 14, num_blocks="4")
+    with pytest.raises(TypeError, match="'pretrained'.*bool"):
+        models.model_config("deeplabv3_resnet50", 14, pretrained=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.model_config("unet", 0)
+
+
+def test_pretrained_asks_torchvision_for_imagenet_backbone(monkeypatch):
+    calls = []
+
+    def fake_builder(**kwargs):
+        calls.append(kwargs)
+        return nn.Identity()
+
+    monkeypatch.setattr(models.segmentation, "deeplabv3_resnet50", fake_builder)
+    models.build_model("deeplabv3_resnet50", 14, pretrained=True)
+    models.build_model("deeplabv3_resnet50", 14)
+    assert calls[0]["weights_backbone"] is ResNet50_Weights.IMAGENET1K_V1
+    assert calls[0]["weights"] is None
+    assert calls[0]["num_classes"] == 14
+    assert calls[1]["weights_backbone"] is None
+
+
+class DictModel(nn.Module):
+    """Stands in for a torchvision segmentation model: returns a dict of outputs."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": images * 2, "aux": images}
+
+
+def test_torchvision_model_output_is_the_out_entry():
+    model = models.TorchvisionSegmentation(DictModel())
+    images = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(images), images * 2)
+
+
+def test_deeplab_batch_of_one_in_training_is_a_clear_error():
+    model = models.TorchvisionSegmentation(DictModel(), min_train_batch=2)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        model(torch.randn(1, 3, 8, 8))
+    assert model.eval()(torch.randn(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+
+
+def test_channels_last_gives_the_same_logits():
+    model = tiny_unet().eval()
+    images = torch.randn(2, 3, 20, 28)
+    expected = model(images)
+    model = model.to(memory_format=torch.channels_last)
+    logits = model(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_bfloat16_keeps_the_shape():
+    model = tiny_unet()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(1, 3, 12, 10))
+    assert logits.shape == (1, 5, 12, 10)
+    assert logits.dtype == torch.bfloat16
+
+
+def test_command_line_summary(capsys):
+    models.main(["--model", "unet", "--img-size", "40", "--num-blocks", "2", "--base-chan", "4"])
+    out = capsys.readouterr().out
+    assert "output shape: (1, 14, 40, 40)" in out
+    assert "parameters:" in out
+    assert "forward GFLOP per image:" in out
+
+
+def test_command_line_rejects_an_option_the_model_lacks(capsys):
+    with pytest.raises(SystemExit):
+        models.main(["--model", "lraspp_mobilenet_v3_large", "--num-blocks", "2"])
+    assert "no option num_blocks" in capsys.readouterr().err
