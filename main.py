@@ -510,8 +510,8 @@ def train(args: argparse.Namespace) -> int:
 
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(start_epoch, end_epoch):
-        # Data order and augmentations depend only on (seed, epoch), so that a resumed run
-        # sees the same batches as an uninterrupted one.
+        # Data order and augmentations depend only on (seed, epoch, number of workers), so
+        # that a resumed run sees the same batches as an uninterrupted one.
         torch.manual_seed(args.seed + epoch)
         train_loader.generator.manual_seed(args.seed + epoch)
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
@@ -625,7 +625,7 @@ def test(args: argparse.Namespace) -> int:
     on_batch = None
     if args.save_predictions:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
-        names = iter([dataset.frames[i].name for i in loader.sampler])
+        names = iter([dataset.frames[subset.indices[i]].name for i in loader.sampler])
 
         def on_batch(images, targets, predictions):
             from PIL import Image

@@ -103,6 +103,25 @@ def clip_near(points: np.ndarray) -> np.ndarray:
 # Room layout
 
 
+# A typical color per class (RGB in [0, 1]): real walls tend to be light, floors darker,
+# chairs dark... Each object mixes its class color with a random one, and columns look like
+# walls and beams like ceilings, so color is a hint but never the answer.
+TYPICAL_COLORS = {
+    "wall": (0.80, 0.78, 0.72),
+    "ceiling": (0.90, 0.90, 0.88),
+    "floor": (0.45, 0.40, 0.35),
+    "door": (0.55, 0.35, 0.20),
+    "window": (0.35, 0.35, 0.40),
+    "board": (0.90, 0.92, 0.90),
+    "bookcase": (0.50, 0.35, 0.20),
+    "column": (0.80, 0.78, 0.72),
+    "beam": (0.90, 0.90, 0.88),
+    "table": (0.60, 0.45, 0.30),
+    "chair": (0.20, 0.20, 0.25),
+    "sofa": (0.40, 0.20, 0.20),
+}
+
+
 def random_color(rng: np.random.Generator) -> np.ndarray:
     """A color from one distribution shared by all classes, `(3,)` float in [0, 1]."""
     hue = rng.uniform(0, 1)
@@ -110,6 +129,15 @@ def random_color(rng: np.random.Generator) -> np.ndarray:
     value = rng.uniform(0.35, 0.95)
     k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
     return value - value * saturation * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def object_color(rng: np.random.Generator, class_name: str) -> np.ndarray:
+    """The color of one object: its class's typical color mixed with a random one."""
+    typical = TYPICAL_COLORS.get(class_name)
+    if typical is None:
+        return random_color(rng)
+    randomness = rng.uniform(0.2, 0.7)
+    return (1 - randomness) * np.array(typical) + randomness * random_color(rng)
 
 
 class RoomBuilder:
@@ -127,10 +155,10 @@ class RoomBuilder:
         instance = self.counters[class_name]
         return f"{class_name}_{instance}_{room.room_type}_{room.room_num}_{self.area_num}"
 
-    def material(self, texture: str, spacing: float = 0.5) -> dict:
+    def material(self, class_name: str, texture: str, spacing: float = 0.5) -> dict:
         return {
             "texture": texture,
-            "color": random_color(self.rng),
+            "color": object_color(self.rng, class_name),
             "second_color": random_color(self.rng),
             "spacing": spacing,
         }
@@ -138,7 +166,7 @@ class RoomBuilder:
     def add_box(self, class_name: str, low, high, texture: str = "plain", front=None) -> None:
         """A box object; `front=(normal, texture)` gives one face its own texture."""
         label = self.label(class_name)
-        material = self.material(texture)
+        material = self.material(class_name, texture)
         faces = []
         for corners, normal in box_faces(np.asarray(low, float), np.asarray(high, float)):
             face_material = dict(material)
@@ -150,7 +178,7 @@ class RoomBuilder:
     def add_boxes(self, class_name: str, boxes: list[tuple], texture: str = "plain") -> None:
         """One object made of several boxes (a table and its legs) sharing label and color."""
         label = self.label(class_name)
-        material = self.material(texture)
+        material = self.material(class_name, texture)
         faces = []
         for low, high in boxes:
             for corners, normal in box_faces(np.asarray(low, float), np.asarray(high, float)):
@@ -180,7 +208,7 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
     builder.room = room
 
     up = np.array([0, 1.0, 0])
-    wall_material = builder.material("plain")
+    wall_material = builder.material("wall", "plain")
     floor_texture = "planks" if rng.random() < 0.5 else "grid"
     for wall in range(4):
         origin, along, normal, length = wall_frame(wall, size)
@@ -194,9 +222,13 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
         )
         room.shell.append(Face(corners, normal, builder.label("wall"), **wall_material))
     floor = np.array([[0, 0, 0], [0, 0, depth], [width, 0, depth], [width, 0, 0.0]])
-    room.shell.append(Face(floor, up, builder.label("floor"), **builder.material(floor_texture)))
+    room.shell.append(
+        Face(floor, up, builder.label("floor"), **builder.material("floor", floor_texture))
+    )
     ceiling = floor[::-1] + height * up
-    ceiling_face = Face(ceiling, -up, builder.label("ceiling"), **builder.material("grid", 0.6))
+    ceiling_face = Face(
+        ceiling, -up, builder.label("ceiling"), **builder.material("ceiling", "grid", 0.6)
+    )
     room.shell.append(ceiling_face)
 
     # Flat things on the walls, kept apart by remembering what each wall already holds.
@@ -226,7 +258,9 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
                 ]
             )
             label = builder.label(class_name)
-            room.objects.append([Face(corners, normal, label, **builder.material(texture, 0.08))])
+            room.objects.append(
+                [Face(corners, normal, label, **builder.material(class_name, texture, 0.08))]
+            )
             return True
         return False
 

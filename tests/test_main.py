@@ -206,3 +206,43 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert main.learning_rate_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert main.learning_rate_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+
+
+def test_torchrun_two_processes_train_and_test_exactly(synthetic_root, tmp_path):
+    """2 gloo processes: training completes; distributed test on an odd number of frames
+    gives exactly the single-process numbers."""
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = train_args(synthetic_root, tmp_path, "ddp", 2)
+    result = subprocess.run(
+        [*torchrun, str(ROOT / "main.py"), *train], capture_output=True, text=True, cwd=ROOT,
+        env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "ddp/last.pt", weights_only=True)
+    # 12 training frames, 2 processes of batch 4: one full batch each per epoch.
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2
+    lines = (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2, "only rank 0 writes"
+
+    scores = {}
+    for name, launcher in (("single", [sys.executable]), ("ddp", [*torchrun])):
+        out = tmp_path / f"test-{name}"
+        test = ["test", "--model", str(tmp_path / "ddp/best.pt"), "--datadir", str(synthetic_root)]
+        test += ["--areas", "5a", "--subset", "5", "--batch-size", "2", "--workers", "0"]
+        result = subprocess.run(
+            [*launcher, str(ROOT / "main.py"), *test, "--out", str(out), "--device", "cpu"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores[name] = json.loads((out / "metrics.json").read_text())
+    assert scores["ddp"]["frames"] == scores["single"]["frames"] == 5
+    assert scores["ddp"]["confusion_matrix"] == scores["single"]["confusion_matrix"]
+    assert scores["ddp"]["miou"] == scores["single"]["miou"]
