@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ import torch.distributed as dist
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_png, read_file
+from torchvision.io import ImageReadMode, decode_png
 
 # The 14 classes in the usual order: sorted names with <UNK> first. Index 0 is "unknown"
 # and is ignored by the losses and metrics.
@@ -133,6 +135,7 @@ def decode_semantic(semantic_rgb: torch.Tensor, label_table: torch.Tensor) -> to
     label_table: `(N + 1,)` uint8 from `load_label_table`.
     Returns `(H, W)` uint8 class ids (0 for unknown).
     """
+    # >>> Q1: decode the label colors into class ids
     channels = semantic_rgb.to(torch.int32)
     # R * 65536 + G * 256 + B with in-place adds, and index_select on the flat index: about
     # 3x faster on a full frame than shifts, ors and advanced indexing, for the same result.
@@ -141,6 +144,7 @@ def decode_semantic(semantic_rgb: torch.Tensor, label_table: torch.Tensor) -> to
     # entry of the table, which is "unknown".
     label_index.clamp_(max=len(label_table) - 1)
     return label_table.index_select(0, label_index.flatten()).view(label_index.shape)
+    # <<< Q1
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,10 +198,22 @@ def resolve_areas(root: str | Path, areas: list[str] | None) -> list[str]:
     return resolved
 
 
-def list_frames(root: str | Path, areas: list[str] | None = None) -> list[Frame]:
-    """Every rgb frame of the given areas with its semantic file, sorted by area then name."""
+def bad_file_hint(root: str | Path) -> str:
+    """What to do about a broken file under `root`."""
+    return (
+        f"list every bad file with `python data.py check --datadir {root}`, or leave bad "
+        "frames out of training with `python main.py train --skip-bad`"
+    )
+
+
+def find_frames(
+    root: str | Path, areas: list[str] | None = None
+) -> tuple[list[Frame], list[Frame]]:
+    """Every rgb frame of the given areas, sorted by area then name, in two lists of Frame:
+    those with their semantic file, and those whose semantic file is missing."""
     root = Path(root)
     frames: list[Frame] = []
+    unlabelled: list[Frame] = []
     for area in resolve_areas(root, areas):
         rgb_dir = root / f"area_{area}" / "data" / "rgb"
         semantic_dir = rgb_dir.parent / "semantic"
@@ -207,19 +223,76 @@ def list_frames(root: str | Path, areas: list[str] | None = None) -> list[Frame]
         for rgb_path in rgb_paths:
             name = rgb_path.name.removesuffix(RGB_SUFFIX)
             semantic_path = semantic_dir / f"{name}{SEMANTIC_SUFFIX}"
-            if not semantic_path.is_file():
-                raise DataError(f"{semantic_path} is missing (the labels of {rgb_path})")
             match = FRAME_NAME.match(name)
             room = match["room"] if match else "unknown"
-            frames.append(Frame(area, room, name, rgb_path, semantic_path))
+            frame = Frame(area, room, name, rgb_path, semantic_path)
+            (frames if semantic_path.is_file() else unlabelled).append(frame)
+    return frames, unlabelled
+
+
+def list_frames(root: str | Path, areas: list[str] | None = None) -> list[Frame]:
+    """Every rgb frame of the given areas with its semantic file, sorted by area then name;
+    a missing semantic file is an error."""
+    frames, unlabelled = find_frames(root, areas)
+    if unlabelled:
+        frame = unlabelled[0]
+        raise DataError(
+            f"{frame.semantic_path} is missing (the labels of {frame.rgb_path}); "
+            f"{bad_file_hint(root)}"
+        )
     return frames
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_damage(raw: bytes) -> str | None:
+    """Why the bytes of a PNG file are damaged (no PNG signature, cut short, a chunk whose
+    CRC-32 fails), or None when every chunk up to IEND is whole.
+
+    torchvision's decoder crashes the whole process on some damaged files (a failing
+    checksum, a broken compressed stream) instead of raising, so read_png checks first.
+    The checksums catch flipped or zeroed bytes for a few percent of the decoding time.
+    """
+    if not raw.startswith(PNG_SIGNATURE):
+        return f"not a PNG file (its {len(raw)} bytes do not start with the PNG signature)"
+    view = memoryview(raw)
+    position = len(PNG_SIGNATURE)
+    # A chunk: 4-byte big-endian data length, 4-byte type, the data, CRC-32 of type + data.
+    while position + 12 <= len(raw):
+        length = int.from_bytes(view[position : position + 4], "big")
+        crc_position = position + 8 + length
+        if crc_position + 4 > len(raw):
+            break
+        chunk_type = bytes(view[position + 4 : position + 8])
+        stored_crc = int.from_bytes(view[crc_position : crc_position + 4], "big")
+        if zlib.crc32(view[position + 4 : crc_position]) != stored_crc:
+            name = chunk_type.decode("ascii", "replace")
+            return f"its {name} chunk at byte {position} fails its checksum (damaged file)"
+        if chunk_type == b"IEND":
+            return None
+        position = crc_position + 4
+    return f"it ends after {len(raw)} bytes, before its IEND chunk (truncated file)"
+
+
+def read_png_bytes(path: Path) -> bytes:
+    """The bytes of a PNG file whose chunks are whole; a DataError names what is wrong."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+    damage = png_damage(raw)
+    if damage:
+        raise DataError(f"cannot read {path}: {damage}")
+    return raw
 
 
 def read_png(path: Path) -> torch.Tensor:
     """Decode an 8-bit PNG to a `(3, H, W)` uint8 tensor; a broken file names itself."""
+    raw = read_png_bytes(path)
     try:
-        return decode_png(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as error:
+        return decode_png(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
+    except RuntimeError as error:
         raise DataError(f"cannot read {path}: {error}".strip()) from None
 
 
@@ -238,6 +311,10 @@ class StanfordDataset(Dataset):
     on the (smaller) output instead of the full 1080x1080 frame.
 
     `ds.frames[i]` tells the area, room and file of frame i.
+
+    A broken or missing file raises a DataError naming it, or with `skip_bad` its frame is
+    left out (without labels: when listed; unreadable: replaced by the next readable frame)
+    and `bad_paths()` names it.
     """
 
     def __init__(
@@ -250,7 +327,16 @@ class StanfordDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(missing_datadir_message(self.root))
-        self.frames = list_frames(self.root, areas)
+        if skip_bad:
+            # Frames without labels are left out here, named once, and reported as bad.
+            self.frames, self.unlabelled = find_frames(self.root, areas)
+            for frame in self.unlabelled:
+                print(
+                    f"warning: skipping {frame.rgb_path}: {frame.semantic_path} is missing",
+                    file=sys.stderr,
+                )
+        else:
+            self.frames, self.unlabelled = list_frames(self.root, areas), []
         self.areas = sorted({frame.area for frame in self.frames})
         self.label_table = load_label_table(self.root / LABELS_FILE)
         self.transforms = transforms
@@ -264,7 +350,10 @@ class StanfordDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.skip_bad:
-            return self.load(index)
+            try:
+                return self.load(index)
+            except DataError as error:
+                raise DataError(f"{error}; {bad_file_hint(self.root)}") from None
         # A broken frame is flagged and replaced by the next readable one, so that batches
         # keep their size.
         for offset in range(len(self.frames)):
@@ -287,18 +376,22 @@ class StanfordDataset(Dataset):
                 f"{frame.rgb_path} is {tuple(image.shape[1:])} but {frame.semantic_path} "
                 f"is {tuple(semantic.shape[1:])}: rgb and semantic must have the same size"
             )
+        # >>> Q2: apply the transforms, then decode the labels
         if self.transforms is not None:
             image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))
         mask = decode_semantic(semantic.as_subclass(torch.Tensor), self.label_table)
         return image.as_subclass(torch.Tensor), mask.long()
+        # <<< Q2
 
     def label_mask(self, index: int) -> torch.Tensor:
         """The class ids of frame `index` at full size, no transforms: `(H, W)` uint8."""
         return decode_semantic(read_png(self.frames[index].semantic_path), self.label_table)
 
     def bad_paths(self) -> list[Path]:
-        """The rgb files of the frames skipped so far as unreadable (with `skip_bad`)."""
-        return [self.frames[i].rgb_path for i in self.bad.nonzero().flatten().tolist()]
+        """With `skip_bad`, the files of the frames left out so far: the missing semantic file
+        of a frame without labels, the rgb file of a frame found unreadable."""
+        unreadable = [self.frames[i].rgb_path for i in self.bad.nonzero().flatten().tolist()]
+        return [frame.semantic_path for frame in self.unlabelled] + unreadable
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,6 +406,7 @@ def train_transforms(
     Image and mask move together (v2 transforms act on both); masks are resized with
     nearest neighbour and the color jitter touches only the image.
     """
+    # >>> Q4: build the training augmentations
     return T.Compose(
         [
             T.RandomResizedCrop(img_size, scale=scale, antialias=True),
@@ -320,6 +414,7 @@ def train_transforms(
             T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
         ]
     )
+    # <<< Q4
 
 
 def eval_transforms(img_size: int, resize_mask: bool = True) -> T.Transform:
@@ -766,6 +861,8 @@ def prepare_cache_dir(out: Path) -> None:
     The manifest goes first, so that an interrupted run never leaves a complete-looking cache.
     """
     cache_files = {CACHE_IMAGES, CACHE_MASKS}
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a new or empty directory")
     if out.is_dir():
         for entry in out.iterdir():
             is_area = entry.is_dir() and entry.name.startswith("area_")
@@ -959,17 +1056,31 @@ def command_show(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def checked_png_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG after decoding all of it with Pillow, which raises on a
+    broken compressed stream that passes the checksums, where torchvision's decoder would
+    crash the process."""
+    from PIL import Image
+
+    raw = read_png_bytes(path)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    return height, width
+
+
 def check_frame(frame: Frame) -> str | None:
     """Why one frame cannot be used (unreadable file, sizes differ), or None when it is fine."""
     try:
-        image, semantic = read_png(frame.rgb_path), read_png(frame.semantic_path)
+        image_size = checked_png_size(frame.rgb_path)
+        semantic_size = checked_png_size(frame.semantic_path)
     except DataError as error:
         return str(error)
-    if image.shape != semantic.shape:
-        return (
-            f"{frame.rgb_path} is {tuple(image.shape[1:])} but {frame.semantic_path} is "
-            f"{tuple(semantic.shape[1:])}"
-        )
+    if image_size != semantic_size:
+        return f"{frame.rgb_path} is {image_size} but {frame.semantic_path} is {semantic_size}"
     return None
 
 

@@ -120,6 +120,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # a full disk fails in torch.save as either
+        kept = "the previous one is kept" if path.exists() else "there is no earlier one"
+        raise CheckpointError(f"cannot write {path} ({error}); {kept}") from None
     finally:
         temporary.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -134,7 +137,9 @@ def load_checkpoint(path: str | Path) -> dict:
     any Python object other than tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        sibling = path.with_name("best.pt")
+        hint = f" ({sibling} exists and can be used instead)" if sibling.is_file() else ""
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -270,8 +275,9 @@ def train_one_epoch(
             tqdm.write(f"warning: non-finite loss at step {state['step']}, step skipped")
             if state["bad_steps_in_a_row"] >= args.max_bad_steps:
                 raise TrainingStopped(
-                    f"{state['bad_steps_in_a_row']} non-finite losses in a row: training "
-                    "stopped, the last good checkpoint is kept. Lower --lr, or try --no-amp."
+                    f"{state['bad_steps_in_a_row']} non-finite losses in a row (--max-bad-steps "
+                    f"{args.max_bad_steps}): training stopped, the last good checkpoint is kept. "
+                    "Lower --lr, or try --no-amp."
                 )
             continue
         state["bad_steps_in_a_row"] = 0
@@ -297,7 +303,7 @@ def train_one_epoch(
             writer.add_scalar("train/lr", lr, state["step"])
     if skipped:
         print(f"epoch {epoch + 1}: skipped {skipped} steps with a non-finite loss")
-    return total_loss / max(1, good_steps)
+    return total_loss / good_steps if good_steps else math.nan
 
 
 @torch.no_grad()
@@ -344,22 +350,23 @@ def preview_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
-def log_validation(writer, results: dict, confusion, model, preview, device, args, epoch):
-    """Scalars, per-class IoU, the preview grid and the confusion matrix in TensorBoard."""
+def log_validation(writer, results: dict, confusion, model, preview, device, args, step):
+    """Scalars, per-class IoU, the preview grid and the confusion matrix in TensorBoard, at
+    optimizer step `step` (one x-axis for training and validation curves)."""
     for key in ("miou", "pixel_accuracy", "mean_accuracy", "macro_f1"):
-        writer.add_scalar(f"val/{key}", results[key], epoch + 1)
+        writer.add_scalar(f"val/{key}", results[key], step)
     for name, iou in zip(data.CLASSES, results["iou"], strict=True):
         if not math.isnan(iou):
-            writer.add_scalar(f"val_iou/{name}", iou, epoch + 1)
+            writer.add_scalar(f"val_iou/{name}", iou, step)
     images, targets = preview
     model.eval()
     with torch.no_grad(), autocast_context(device, args.amp):
         predictions = model(data.normalize(images.to(device))).argmax(dim=1).cpu()
     writer.add_image(
-        "val/input_truth_prediction", utils.comparison_grid(images, targets, predictions), epoch + 1
+        "val/input_truth_prediction", utils.comparison_grid(images, targets, predictions), step
     )
     figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
-    writer.add_figure("val/confusion_matrix", figure, epoch + 1)
+    writer.add_figure("val/confusion_matrix", figure, step)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -420,7 +427,8 @@ def train(args: argparse.Namespace) -> int:
         args.amp = device.type == "cuda"  # bf16 autocast on a CPU is far slower than fp32
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
-    run_dir = Path(args.logdir) / args.name
+    # A resumed run continues in the folder of its checkpoint, even if that folder moved.
+    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
     if is_main_process():
         if not args.resume and (run_dir / "last.pt").exists():
             raise CheckpointError(
@@ -428,6 +436,11 @@ def train(args: argparse.Namespace) -> int:
                 "or choose another --name"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
+        # A run killed while saving leaves the temporary file of that checkpoint behind.
+        for leftover in run_dir.glob(".*.pt.*.tmp"):
+            leftover.unlink()
+        if not args.resume:  # drop the lines of a run killed before its first checkpoint
+            trim_jsonl(run_dir / "metrics.jsonl", 0)
     seed_everything(args.seed)
 
     train_set, val_set = data.get_datasets(
@@ -503,7 +516,11 @@ def train(args: argparse.Namespace) -> int:
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir))
+        # After a crash, events logged past the resumed checkpoint are dropped (purge_step),
+        # so that the retrained epochs do not appear twice.
+        writer = SummaryWriter(
+            log_dir=str(run_dir), purge_step=state["step"] if args.resume else None
+        )
         config_text = json.dumps({"args": plain_args(args), "model": model_config}, indent=2)
         writer.add_text("config", f"```\n{config_text}\n```", start_epoch)
         preview = preview_batch(val_set, NUM_PREVIEW_IMAGES)
@@ -538,7 +555,7 @@ def train(args: argparse.Namespace) -> int:
 
         print(metrics.format_report(results, data.CLASSES))
         print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {results['miou']:.4f}")
-        log_validation(writer, results, confusion, model, preview, device, args, epoch)
+        log_validation(writer, results, confusion, model, preview, device, args, state["step"])
         writer.flush()
         record = {
             "epoch": epoch + 1,
@@ -582,12 +599,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 def report_bad_frames(*subsets) -> None:
-    for subset in subsets:
-        bad = subset.dataset.bad_paths()
-        if bad and is_main_process():
-            print(f"skipped {len(bad)} unreadable frame(s) so far:")
-            for path in bad:
-                print(f"  {path}")
+    """List the files of the frames left out so far (--skip-bad), each once: without
+    --val-areas the training and validation sets share their files."""
+    bad = dict.fromkeys(path for subset in subsets for path in subset.dataset.bad_paths())
+    if bad and is_main_process():
+        print(f"skipped {len(bad)} frame(s) with an unreadable or missing file so far:")
+        for path in bad:
+            print(f"  {path}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -870,6 +888,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(error: Exception) -> str:
+    """The message of `error`. An exception raised in a DataLoader worker reaches the main
+    process re-created with the worker's traceback as its message, which ends with
+    "module.ErrorClass: original message"; only the original message is for the user."""
+    message = str(error)
+    if "DataLoader worker" in message and "Original Traceback" in message:
+        message = message.rsplit(f"{type(error).__name__}: ", 1)[-1]
+    return message.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "name", "") is None:
@@ -877,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (data.DataError, CheckpointError, TrainingStopped, UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
         print(f"error: {cuda_oom_message(args)}", file=sys.stderr)

@@ -137,6 +137,7 @@ def confusion_counts(
     ignore_index zero. Predicted ids outside [0, K) are not checked (that would cost a
     device-to-host copy per batch); argmax of K logits is always in range.
     """
+    # >>> Q10: count the (true, predicted) pairs of the batch
     # The pair (true t, predicted p) goes to bin t * K + p: one pass over all pixels.
     pair_index = targets.reshape(-1).long() * num_classes + preds.reshape(-1).long()
     try:
@@ -150,6 +151,7 @@ def confusion_counts(
     # boolean mask, which on CUDA would wait for the device on every batch.
     matrix[ignore_index] = 0
     return matrix
+    # <<< Q10
 
 
 def scores_from_confusion(
@@ -161,6 +163,7 @@ def scores_from_confusion(
     ``accuracy``, ``f1`` of shape (K,); 0-dim ``miou``, ``mean_accuracy``, ``macro_f1``,
     ``pixel_accuracy``; and ``support`` (K,) int64, the number of labelled pixels per class.
     """
+    # >>> Q11: compute the scores from the confusion matrix
     support = matrix.sum(dim=1)
     counts = matrix.double()  # exact for counts below 2**53
     true_positives = counts.diagonal()
@@ -183,6 +186,7 @@ def scores_from_confusion(
         "macro_f1": f1.nanmean(),
         "support": support,
     }
+    # <<< Q11
 
 
 class ConfusionMatrix:
@@ -541,6 +545,7 @@ def class_weights_from_frequencies(
     if method == "effective" and not num_samples > 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
 
+    # >>> Q12: compute the class weights
     weighted = torch.ones_like(shares, dtype=torch.bool)
     weighted[ignore_index] = False
     if shares[weighted].sum() <= 0:
@@ -558,6 +563,7 @@ def class_weights_from_frequencies(
         weights[observed] = (1 - beta) / effective_number
     weights[weighted & ~observed] = weights[observed].max()
     return (weights / weights[weighted].mean()).float()
+    # <<< Q12
 
 
 # --------------------------------------------------------------------------------------------

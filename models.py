@@ -53,6 +53,7 @@ class UNetConvBlock(nn.Module):
     """One encoder level: two Conv 3x3 - ReLU - BatchNorm layers, then a 2x2 max-pool."""
 
     def __init__(self, cin: int, cout: int) -> None:
+        # >>> Q5: implement UNetConvBlock.__init__
         super().__init__()
         self.block1 = nn.Sequential(
             nn.Conv2d(cin, cout, kernel_size=3, padding=1),
@@ -65,11 +66,14 @@ class UNetConvBlock(nn.Module):
             nn.BatchNorm2d(cout),
         )
         self.block3 = nn.MaxPool2d(kernel_size=2)
+        # <<< Q5
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, cin, H, W) float -> pooled (B, cout, H/2, W/2) and features (B, cout, H, W)."""
+        # >>> Q5: implement UNetConvBlock.forward
         features = self.block2(self.block1(x))
         return self.block3(features), features
+        # <<< Q5
 
 
 class UNetEncoder(nn.Module):
@@ -81,12 +85,14 @@ class UNetEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             UNetConvBlock(channels[i], channels[i + 1]) for i in range(num_blocks)
         )
+        # >>> Q6: build the last block of UNetEncoder
         self.cout = base_chan * 2**num_blocks
         self.last_block = nn.Sequential(
             nn.Conv2d(channels[-1], self.cout, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
             nn.BatchNorm2d(self.cout),
         )
+        # <<< Q6
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, cin, H, W) float, H and W multiples of 2**num_blocks -> outputs and features.
@@ -105,6 +111,7 @@ class UNetUpConvBlock(nn.Module):
     """One decoder level: upsample x2 and halve the channels, concatenate the skip, two convs."""
 
     def __init__(self, cin: int, cout: int) -> None:
+        # >>> Q7: implement UNetUpConvBlock.__init__
         super().__init__()
         self.upconv = nn.Sequential(
             nn.Upsample(scale_factor=2),
@@ -121,17 +128,21 @@ class UNetUpConvBlock(nn.Module):
             nn.ReLU(inplace=True),
             nn.BatchNorm2d(cout),
         )
+        # <<< Q7
 
     def forward(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
         """(B, cin, h, w) and encoder features (B, cin // 2, 2h, 2w) -> (B, cout, 2h, 2w)."""
+        # >>> Q7: implement UNetUpConvBlock.forward
         upsampled = self.upconv(x)
         return self.convblock(torch.cat([upsampled, encoder_features], dim=1))
+        # <<< Q7
 
 
 class UNetDecoder(nn.Module):
     """A first conv, ``num_blocks`` up blocks halving the channels, then a 1x1 conv to logits."""
 
     def __init__(self, cin: int, num_blocks: int, num_classes: int) -> None:
+        # >>> Q8: implement UNetDecoder.__init__
         super().__init__()
         self.first_block = nn.Sequential(
             nn.Conv2d(cin, cin, kernel_size=3, padding=1),
@@ -143,6 +154,7 @@ class UNetDecoder(nn.Module):
             UNetUpConvBlock(channels[i], channels[i + 1]) for i in range(num_blocks)
         )
         self.last_conv = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
+        # <<< Q8
 
     def forward(
         self, encoder_outputs: torch.Tensor, encoder_features: list[torch.Tensor]
@@ -151,6 +163,7 @@ class UNetDecoder(nn.Module):
 
         Returns (B, num_classes, h * 2**num_blocks, w * 2**num_blocks) float.
         """
+        # >>> Q8: implement UNetDecoder.forward
         if len(encoder_features) != len(self.blocks):
             raise ValueError(
                 f"encoder_features has {len(encoder_features)} maps but the decoder has "
@@ -161,6 +174,7 @@ class UNetDecoder(nn.Module):
         for block, features in zip(self.blocks, reversed(encoder_features), strict=True):
             x = block(x, features)
         return self.last_conv(x)
+        # <<< Q8
 
 
 class UNet(nn.Module):
@@ -190,12 +204,14 @@ class UNet(nn.Module):
         """
         check_images(images, self.cin)
         height, width = images.shape[-2:]
+        # >>> Q9 (optional): pad the images to a multiple of 2**num_blocks
         multiple = 2**self.num_blocks
         pad_bottom, pad_right = -height % multiple, -width % multiple
         if pad_bottom or pad_right:
             # Replicating the border keeps the padding close to the image statistics; zeros
             # would add a sharp artificial edge for the first convs to react to.
             images = F.pad(images, (0, pad_right, 0, pad_bottom), mode="replicate")
+        # <<< Q9
         outputs, features = self.encoder(images)
         logits = self.decoder(outputs, features)
         return logits[..., :height, :width]

@@ -1,0 +1,597 @@
+"""How fast the data pipeline, the metrics and the models run on this machine.
+
+    python bench.py                   # synthetic 1080x1080 frames, a few minutes
+    python bench.py --quick           # fewer frames and shorter timings
+    python bench.py --datadir D       # real 2D-3D-S frames (a sample of --frames of them)
+
+One table, grouped; each group's first row is its reference and the last column is the
+speed-up over it:
+
+- loaders: a naive per-frame reference (PIL decode, int64 label map in numpy, PIL crop,
+  resize and color jitter, numpy flip and normalization) against our raw-PNG path
+  (data.StanfordDataset) and our pre-decoded cache (data.CachedDataset), both with
+  data.train_transforms (normalization happens later, on the device), through a DataLoader
+  with 0 and with --workers worker processes;
+- PNG and label decoding per frame; a metric update per batch against torchmetrics;
+- a training step and an inference step of the demo UNet and of the handout's UNet in
+  float32, channels_last and autocast; the latency of the demo UNet on a full 1080x1080 frame.
+
+It also checks that the fast paths give the samples they should and prints the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageEnhance
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+import data
+import models
+
+# (name, num_blocks, base_chan, img_size) of the two UNets of the project.
+DEMO_UNET = ("demo UNet (3 blocks, base 16)", 3, 16, 128)
+HANDOUT_UNET = ("handout UNet (4 blocks, base 64)", 4, 64, 256)
+FULL_FRAME = 1080
+
+
+# ----------------------------------------------------------------------------------------
+# The naive reference loader
+
+
+def naive_class_table(labels_path: Path) -> np.ndarray:
+    """Label index -> class id as an int64 array, the last entry standing for "no data"."""
+    return data.load_label_table(labels_path).numpy().astype(np.int64)
+
+
+def naive_classes(semantic: np.ndarray, class_table: np.ndarray) -> np.ndarray:
+    """Semantic colors `(H, W, 3)` uint8 -> class ids `(H, W)` int64, all in int64 numpy."""
+    channels = semantic.astype(np.int64)
+    label_index = channels[..., 0] * 65536 + channels[..., 1] * 256 + channels[..., 2]
+    return class_table[np.minimum(label_index, len(class_table) - 1)]
+
+
+def naive_label_map(semantic_path: Path, class_table: np.ndarray) -> np.ndarray:
+    """PIL decode of a semantic PNG, then its `(H, W)` int64 class ids."""
+    return naive_classes(np.asarray(Image.open(semantic_path).convert("RGB")), class_table)
+
+
+def naive_sample(
+    frame: data.Frame, class_table: np.ndarray, img_size: int, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward per-frame pipeline: decode, label, random crop and resize, flip,
+    color jitter, normalize; the same augmentations as data.train_transforms.
+
+    Returns `(3, S, S)` float32 normalized and `(S, S)` int64.
+    """
+    image = Image.open(frame.rgb_path).convert("RGB")
+    classes = naive_label_map(frame.semantic_path, class_table)
+    height, width = classes.shape
+    side = int(min(height, width) * math.sqrt(rng.uniform(0.25, 1.0)))
+    top, left = rng.randint(0, height - side), rng.randint(0, width - side)
+    box = (left, top, left + side, top + side)
+    image = image.resize((img_size, img_size), Image.BILINEAR, box=box)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhancer(image).enhance(rng.uniform(0.8, 1.2))
+    pixels = np.asarray(image)
+    # Nearest neighbour for labels: the source pixel under the centre of each output pixel.
+    offsets = ((np.arange(img_size) + 0.5) * side / img_size).astype(np.int64)
+    mask = classes[(top + offsets)[:, None], (left + offsets)[None, :]]
+    if rng.random() < 0.5:
+        pixels, mask = pixels[:, ::-1], mask[:, ::-1]
+    normalized = (pixels.astype(np.float32) / 255.0 - np.float32(data.MEAN)) / np.float32(data.STD)
+    image_tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+    return image_tensor, torch.from_numpy(np.ascontiguousarray(mask))
+
+
+class NaiveDataset(Dataset):
+    """The frames of a StanfordDataset through `naive_sample`."""
+
+    def __init__(self, source: data.StanfordDataset, img_size: int) -> None:
+        self.frames = source.frames
+        self.class_table = naive_class_table(source.root / data.LABELS_FILE)
+        self.img_size = img_size
+        self.rng = random.Random(0)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return naive_sample(self.frames[index], self.class_table, self.img_size, self.rng)
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+
+
+def endless_indices(num_frames: int, seed: int = 0) -> Iterator[int]:
+    """Shuffled passes over `range(num_frames)`, forever: a sampler for timed loaders."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(num_frames))
+        rng.shuffle(order)
+        yield from order
+
+
+def loader_frames_per_second(
+    dataset: Dataset, batch_size: int, workers: int, seconds: float
+) -> float:
+    """Frames per second a DataLoader delivers in steady state.
+
+    The clock starts once the batches prefetched while the workers started are consumed,
+    and stops after `seconds`.
+    """
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=endless_indices(len(dataset)),
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+    batches = iter(loader)
+    for _ in range(1 + 2 * workers):
+        next(batches)
+    frames, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images, _ = next(batches)
+        frames += len(images)
+    elapsed = time.perf_counter() - start
+    del batches  # shuts the workers down
+    return frames / elapsed
+
+
+def median_seconds(
+    step: Callable[[], object], device: torch.device, seconds: float, max_runs: int = 50
+) -> float:
+    """Median wall time of `step()` after one warm-up call: at least one timed run, more
+    until `seconds` have passed or `max_runs` are done."""
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    times = [timed()]
+    while sum(times) < seconds and len(times) < max_runs:
+        times.append(timed())
+    return statistics.median(times)
+
+
+def per_frame_ms(function: Callable, inputs: list, repeats: int = 1) -> float:
+    """Milliseconds of `function(x)` per input: the best of `repeats` passes over `inputs`,
+    after one warm-up call."""
+    function(inputs[0])
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in inputs:
+            function(item)
+        passes.append(1000 * (time.perf_counter() - start) / len(inputs))
+    return min(passes)
+
+
+def row(group: str, name: str, fps: float | None, ms: float | None, unit: str) -> dict:
+    return {"group": group, "name": name, "fps": fps, "ms": ms, "unit": unit}
+
+
+# ----------------------------------------------------------------------------------------
+# The measurements
+
+
+def bench_loaders(
+    raw: data.StanfordDataset,
+    cache_root: Path,
+    img_size: int,
+    batch_size: int,
+    workers: int,
+    seconds: float,
+    rounds: int,
+) -> list[dict]:
+    """Frames/s of the naive, raw and cached loaders with 0 and `workers` workers.
+
+    The paths take turns for `rounds` rounds and each keeps its best round: other processes
+    on the machine can only slow a round down.
+    """
+    transforms = data.train_transforms(img_size)
+    paths = {
+        "naive reference (PIL, int64 labels, numpy)": NaiveDataset(raw, img_size),
+        "raw PNG, data.StanfordDataset": data.StanfordDataset(raw.root, None, transforms),
+        "cache, data.CachedDataset": data.CachedDataset(cache_root, None, transforms),
+    }
+    rows = []
+    for num_workers in sorted({0, workers}):
+        group = f"loader, {img_size}px train samples, {num_workers} workers"
+        best = dict.fromkeys(paths, 0.0)
+        for _ in range(rounds):
+            for name, dataset in paths.items():
+                fps = loader_frames_per_second(dataset, batch_size, num_workers, seconds)
+                best[name] = max(best[name], fps)
+        rows += [row(group, name, fps, 1000 / fps, "frame") for name, fps in best.items()]
+    return rows
+
+
+def bench_decoding(
+    raw: data.StanfordDataset, img_size: int, max_frames: int, repeats: int
+) -> list[dict]:
+    """Milliseconds per frame to decode the PNGs and to turn semantic colors into classes."""
+    frames = raw.frames[:max_frames]
+    class_table = naive_class_table(raw.root / data.LABELS_FILE)
+    table = raw.label_table
+
+    def pil_decode(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    semantic_arrays = [pil_decode(frame.semantic_path) for frame in frames]
+    semantic_tensors = [data.read_png(frame.semantic_path) for frame in frames]
+    resize = T.Resize((img_size, img_size), interpolation=T.InterpolationMode.NEAREST)
+    resized = [resize(tv_tensors.Mask(s)).as_subclass(torch.Tensor) for s in semantic_tensors]
+    size = semantic_tensors[0].shape[-1]
+    timings = [
+        ("decode the RGB PNG", "PIL", lambda f: pil_decode(f.rgb_path), frames),
+        ("", "torchvision.io.decode_png (ours)", lambda f: data.read_png(f.rgb_path), frames),
+        ("decode the semantic PNG", "PIL", lambda f: pil_decode(f.semantic_path), frames),
+        ("", "torchvision.io.decode_png (ours)", lambda f: data.read_png(f.semantic_path), frames),
+        (
+            "semantic colors -> class ids",
+            f"int64 numpy, {size}px",
+            lambda s: naive_classes(s, class_table),
+            semantic_arrays,
+        ),
+        (
+            "",
+            f"uint8 table, {size}px (data.decode_semantic)",
+            lambda s: data.decode_semantic(s, table),
+            semantic_tensors,
+        ),
+        (
+            "",
+            f"uint8 table after the resize to {img_size}px (our raw path)",
+            lambda s: data.decode_semantic(s, table),
+            resized,
+        ),
+    ]
+    rows, group = [], ""
+    for group_name, name, function, inputs in timings:
+        group = group_name or group
+        rows.append(row(group, name, None, per_frame_ms(function, inputs, repeats), "frame"))
+    return rows
+
+
+def bench_metrics(batch_size: int, size: int, repeats: int, device: torch.device) -> list[dict]:
+    """Milliseconds per update of our confusion matrix and of torchmetrics' Jaccard index."""
+    import metrics
+
+    group = f"metric update, {batch_size}x{size}x{size} batch"
+    results = metrics.benchmark_update(batch_size, size, repeats, device=str(device))
+    # torchmetrics first: it is the reference of the group.
+    results.sort(key=lambda result: "torchmetrics" not in str(result["name"]))
+    return [row(group, str(r["name"]), None, float(r["ms"]), "batch") for r in results]
+
+
+def model_variants(device: torch.device) -> list[tuple[str, torch.dtype | None, bool]]:
+    """(name, autocast dtype or None, channels_last) of each way to run a model."""
+    variants = [("float32", None, False), ("float32, channels_last", None, True)]
+    if device.type == "cuda":
+        variants.append(("autocast float16, channels_last", torch.float16, True))
+        if torch.cuda.is_bf16_supported():
+            variants.append(("autocast bfloat16, channels_last", torch.bfloat16, True))
+    else:
+        variants.append(("autocast bfloat16, channels_last", torch.bfloat16, True))
+    return variants
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def unet_step_seconds(
+    num_blocks: int,
+    base_chan: int,
+    batch_size: int,
+    img_size: int,
+    device: torch.device,
+    variant: tuple[str, torch.dtype | None, bool],
+    train: bool,
+    seconds: float,
+    max_runs: int,
+) -> float:
+    """Median seconds of one training step (AdamW) or one inference step of a fresh UNet on a
+    `(batch_size, 3, img_size, img_size)` batch."""
+    _, dtype, channels_last = variant
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = models.build_model("unet", data.NUM_CLASSES, num_blocks=num_blocks, base_chan=base_chan)
+    model = model.to(device, memory_format=memory_format).train(train)
+    shape = (batch_size, 3, img_size, img_size)
+    images = data.normalize(torch.randint(0, 256, shape, dtype=torch.uint8, device=device))
+    images = images.contiguous(memory_format=memory_format)
+    targets = torch.randint(0, data.NUM_CLASSES, (batch_size, img_size, img_size), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # float16 needs loss scaling to keep small gradients; bfloat16 does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def train_step() -> None:
+        with autocast(device, dtype):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=data.IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def inference_step() -> None:
+        with torch.inference_mode(), autocast(device, dtype):
+            model(images)
+
+    return median_seconds(train_step if train else inference_step, device, seconds, max_runs)
+
+
+def bench_model(
+    spec: tuple[str, int, int, int],
+    batch_size: int,
+    device: torch.device,
+    seconds: float,
+    max_runs: int,
+) -> list[dict]:
+    """Frames/s of a training step and of an inference step, per variant."""
+    name, num_blocks, base_chan, img_size = spec
+    rows = []
+    for train in (True, False):
+        group = f"{name}, {img_size}px, {'training step' if train else 'inference'}"
+        for variant in model_variants(device):
+            print(f"  {group}: {variant[0]}", file=sys.stderr, flush=True)
+            step = unet_step_seconds(
+                num_blocks,
+                base_chan,
+                batch_size,
+                img_size,
+                device,
+                variant,
+                train,
+                seconds,
+                max_runs,
+            )
+            unit = f"batch of {batch_size}"
+            rows.append(row(group, variant[0], batch_size / step, 1000 * step, unit))
+    return rows
+
+
+def bench_full_frame(device: torch.device, seconds: float, max_runs: int) -> list[dict]:
+    """Latency of the demo UNet on one full-resolution frame, per variant."""
+    name, num_blocks, base_chan, _ = DEMO_UNET
+    group = f"{name}, one {FULL_FRAME}x{FULL_FRAME} frame, inference"
+    rows = []
+    for variant in model_variants(device):
+        print(f"  {group}: {variant[0]}", file=sys.stderr, flush=True)
+        latency = unet_step_seconds(
+            num_blocks, base_chan, 1, FULL_FRAME, device, variant, False, seconds, max_runs
+        )
+        rows.append(row(group, variant[0], 1 / latency, 1000 * latency, "frame"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Equality checks
+
+
+def same_samples(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]) -> bool:
+    return all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def check_samples(
+    raw: data.StanfordDataset, cache_root: Path, img_size: int, max_frames: int
+) -> list[tuple[str, bool]]:
+    """(what, equal?) for the claims the fast paths rely on, over the first `max_frames`."""
+    indices = range(min(len(raw), max_frames))
+    class_table = naive_class_table(raw.root / data.LABELS_FILE)
+    labels_equal = all(
+        np.array_equal(raw.label_mask(i).numpy(), naive_label_map(frame.semantic_path, class_table))
+        for i, frame in zip(indices, raw.frames, strict=False)
+    )
+
+    # The raw path crops and resizes the semantic colors, then decodes the labels; decoding
+    # first must give the same sample (same random draws, nearest resize of masks).
+    transforms = data.train_transforms(img_size)
+    raw_train = data.StanfordDataset(raw.root, None, transforms)
+
+    def labels_decoded_first(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        frame = raw.frames[index]
+        image = tv_tensors.Image(data.read_png(frame.rgb_path))
+        image, mask = transforms(image, tv_tensors.Mask(raw.label_mask(index)))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+    crops_equal = True
+    for index in indices:
+        torch.manual_seed(index)
+        ours = raw_train[index]
+        torch.manual_seed(index)
+        crops_equal &= same_samples(ours, labels_decoded_first(index))
+
+    cached = data.CachedDataset(cache_root)
+    raw_eval = data.StanfordDataset(raw.root, None, data.eval_transforms(cached.size))
+    cache_equal = all(same_samples(cached[i], raw_eval[i]) for i in range(len(cached)))
+    return [
+        (f"uint8-table labels == naive int64 labels ({len(indices)} full frames)", labels_equal),
+        (
+            f"raw path {img_size}px train samples == labels decoded before the crop "
+            f"({len(indices)} frames)",
+            crops_equal,
+        ),
+        (
+            f"cached samples == StanfordDataset with eval_transforms({cached.size}) "
+            f"({len(cached)} frames)",
+            cache_equal,
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------------------
+# Data, table and command line
+
+
+def sample_tree(datadir: Path, areas: list[str] | None, num_frames: int, out: Path) -> Path:
+    """A 2D-3D-S tree under `out` of symbolic links to `num_frames` frames spread over
+    `datadir`, so that the raw, cached and naive paths all read the same frames."""
+    frames = data.list_frames(datadir, areas)
+    (out / "assets").mkdir(parents=True)
+    (out / data.LABELS_FILE).symlink_to((datadir / data.LABELS_FILE).resolve())
+    for index in data.subset_indices(len(frames), num_frames):
+        frame = frames[index]
+        for path in (frame.rgb_path, frame.semantic_path):
+            link = out / path.relative_to(datadir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return out
+
+
+def format_number(value: float | None) -> str:
+    """Three significant digits, whole numbers from 100 up, blank for None."""
+    if value is None:
+        return ""
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table; the first row of each group is its reference for the speed-up."""
+    header = ["measure", "variant", "frames/s", "ms", "ms per", "speed-up"]
+    right_aligned = {2, 3, 5}
+    lines = [header]
+    for group, group_rows in itertools.groupby(rows, key=lambda r: r["group"]):
+        group_rows = list(group_rows)
+        reference_ms = group_rows[0]["ms"]
+        for position, r in enumerate(group_rows):
+            speedup = "reference" if position == 0 else f"{reference_ms / r['ms']:.2f}x"
+            measure = group if position == 0 else ""
+            fps, ms = format_number(r["fps"]), format_number(r["ms"])
+            lines.append([measure, r["name"], fps, ms, r["unit"], speedup])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+
+    def markdown_line(cells: list[str]) -> str:
+        padded = [
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rules = [
+        "-" * (width + 1) + ":" if column in right_aligned else "-" * (width + 2)
+        for column, width in enumerate(widths)
+    ]
+    separator = "|" + "|".join(rules) + "|"
+    return "\n".join([markdown_line(lines[0]), separator, *map(markdown_line, lines[1:])])
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return (
+        f"{cpu}; {accelerator}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.machine()}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer frames, shorter timings")
+    parser.add_argument(
+        "--datadir", default=None, help="2D-3D-S root (default: make synthetic frames)"
+    )
+    parser.add_argument("--areas", nargs="+", default=None, help="areas to sample frames from")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames to read (default 32, quick 12)"
+    )
+    parser.add_argument("--img-size", type=int, default=256, help="training sample size, px")
+    parser.add_argument("--batch-size", type=int, default=16, help="loader batch size")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers to compare with 0")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the models"
+    )
+    parser.add_argument("--skip-models", action="store_true", help="time the data side only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device here; use --device cpu")
+    num_frames = args.frames or (12 if args.quick else 32)
+    if num_frames < 2 or args.img_size < 16 or args.batch_size < 1 or args.workers < 0:
+        raise SystemExit("error: need --frames >= 2, --img-size >= 16, --batch-size >= 1")
+    loader_timing = (2.0, 1) if args.quick else (3.0, 3)  # seconds per round, rounds
+    model_seconds = 1.0 if args.quick else 4.0
+    threads = torch.get_num_threads()
+    print(machine_description(device), flush=True)
+    if os.getloadavg()[0] > 0.5:
+        print("note: other processes are running; they slow every timing down", file=sys.stderr)
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        workdir = Path(workdir)
+        if args.datadir is None:
+            import synthetic
+
+            print(f"making {num_frames} synthetic {FULL_FRAME}px frames", file=sys.stderr)
+            root = workdir / "data"
+            per_area = math.ceil(num_frames / 2)
+            synthetic.generate(root, ["1", "2"], per_area, FULL_FRAME, seed=0)
+        else:
+            root = sample_tree(Path(args.datadir), args.areas, num_frames, workdir / "data")
+        raw = data.StanfordDataset(root)
+        print(f"caching {len(raw)} frames at {args.img_size}px", file=sys.stderr, flush=True)
+        cache_root = workdir / "cache"
+        data.write_cache(root, cache_root, args.img_size, progress=False)
+
+        # Loader numbers are per core: one thread in the main process, one per worker.
+        torch.set_num_threads(1)
+        print("timing loaders and decoding", file=sys.stderr, flush=True)
+        rows += bench_loaders(
+            raw, cache_root, args.img_size, args.batch_size, args.workers, *loader_timing
+        )
+        rows += bench_decoding(raw, args.img_size, num_frames, 1 if args.quick else 3)
+        print("checking samples", file=sys.stderr, flush=True)
+        checks = check_samples(raw, cache_root, args.img_size, max_frames=8)
+        torch.set_num_threads(threads)
+
+    print("timing metrics", file=sys.stderr, flush=True)
+    rows += bench_metrics(16, 256, 5 if args.quick else 20, device)
+    if not args.skip_models:
+        on_gpu = device.type == "cuda"
+        print("timing models", file=sys.stderr, flush=True)
+        rows += bench_model(DEMO_UNET, 32 if on_gpu else 8, device, model_seconds, 50)
+        handout_batch = 16 if on_gpu else 1 if args.quick else 2
+        handout_runs = 50 if on_gpu else 1 if args.quick else 2
+        rows += bench_model(HANDOUT_UNET, handout_batch, device, model_seconds, handout_runs)
+        rows += bench_full_frame(device, model_seconds, 1 if args.quick else 5)
+
+    print(format_table(rows))
+    print()
+    for claim, holds in checks:
+        print(f"{'OK      ' if holds else 'MISMATCH'} {claim}")
+    return 0 if all(holds for _, holds in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Write the students' version of the lab from this solution.
+
+    python make_lab.py --out ../segmentation-lab-student            # stubs in place of answers
+    python make_lab.py --out ../segmentation-lab-solution --solution  # the answers, markers removed
+    python make_lab.py --list                                         # the marked regions
+
+The teacher edits only the solution (this folder); the student version is generated, never
+edited by hand. The five scripts mark their exercises with two comment lines:
+
+    def decode_semantic(semantic_rgb, label_table):
+        (the docstring stays: it tells the student what to return)
+        # >>> Q1: decode the label colors into class ids
+        channels = semantic_rgb.to(torch.int32)
+        ...
+        # <<< Q1
+
+- ``# >>> Qn: TASK`` opens a region and ``# <<< Qn`` closes it, with the same n and the same
+  indentation. Every line of the region is indented at least as deep as its markers.
+- In the student version the region becomes, at the markers' indentation,
+  ``raise NotImplementedError("Qn: TASK in FILE, see LAB.md")``, wrapped as ruff format
+  would when longer than 100 characters. Mark whole statements (a whole function body, or
+  its end), so that the function still parses and raises only when called.
+- ``# >>> Qn (optional): TASK`` marks code the program also runs without; the region becomes
+  ``# TODO (Qn): TASK, see LAB.md``.
+- Regions do not nest, are never empty, and never sit at module level (a stub there would
+  raise at import). A broken marker stops the run with ``FILE:LINE: what is wrong``.
+- Marker lines never reach the output: ``--solution`` writes the solution without them.
+
+The bundle holds the five scripts, LAB.md, README.md, the setup files (requirements,
+environment.yml, setup.sh, demo.sh, .gitignore), synthetic.py, pyproject.toml and the
+self-checks (tests/conftest.py, tests/test_lab.py); the teacher-side tests are left out.
+``--out DIR`` may exist: the files of the bundle are replaced and everything else in DIR (a
+student's data/ or runs/, say) is left alone. DIR must lie outside this folder. Two runs
+write identical trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+# The scripts whose marked regions are replaced by stubs.
+SOLUTION_FILES: tuple[str, ...] = ("data.py", "models.py", "metrics.py", "main.py", "utils.py")
+# Files copied as they are; a marker in one of them is an error.
+COPIED_FILES: tuple[str, ...] = (
+    "LAB.md",
+    "README.md",
+    "requirements.txt",
+    "requirements-dev.txt",
+    "environment.yml",
+    "setup.sh",
+    "demo.sh",
+    ".gitignore",
+    "synthetic.py",
+    "pyproject.toml",
+    "tests/conftest.py",
+    "tests/test_lab.py",
+)
+# Copied when present: the bundle is still complete without them.
+OPTIONAL_FILES: frozenset[str] = frozenset({"README.md"})
+
+OPEN_MARKER = re.compile(
+    r"^(?P<indent>[ \t]*)# >>> Q(?P<number>[1-9][0-9]*)(?P<optional> \(optional\))?: "
+    r"(?P<task>\S.*?)\s*$"
+)
+CLOSE_MARKER = re.compile(r"^(?P<indent>[ \t]*)# <<< Q(?P<number>[1-9][0-9]*)\s*$")
+LINE_LENGTH = 100  # of the project's ruff settings; stubs are wrapped to fit
+# Anything that starts like a marker must be one: a typo would otherwise leak the solution.
+MARKER_LIKE = re.compile(r"^[ \t]*# ?(>>>|<<<)")
+
+
+class MarkerError(Exception):
+    """A broken marker or bundle; str() is ``FILE:LINE: what is wrong`` where a line is known."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A marked region of a solution file. Lines are 1-based and include both markers."""
+
+    path: str
+    question: int
+    task: str
+    optional: bool
+    indent: str
+    open_line: int
+    close_line: int
+
+    def stub(self) -> str:
+        """The lines that replace the region in the student version, formatted as ruff
+        format would (one line when it fits in LINE_LENGTH, else the message on its own)."""
+        if self.optional:
+            return f"{self.indent}# TODO (Q{self.question}): {self.task}, see LAB.md\n"
+        message = f"Q{self.question}: {self.task} in {self.path}, see LAB.md"
+        # A double-quoted literal, as ruff format writes them; json escapes quotes alike.
+        literal = json.dumps(message, ensure_ascii=False)
+        one_line = f"{self.indent}raise NotImplementedError({literal})"
+        if len(one_line) <= LINE_LENGTH:
+            return one_line + "\n"
+        return (
+            f"{self.indent}raise NotImplementedError(\n{self.indent}    {literal}\n{self.indent})\n"
+        )
+
+
+def find_regions(text: str, path: str) -> list[Region]:
+    """The marked regions of one file, in order; MarkerError for any broken marker."""
+    regions: list[Region] = []
+    opened: re.Match | None = None
+    open_line = 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        opening, closing = OPEN_MARKER.match(line), CLOSE_MARKER.match(line)
+        if opening:
+            if opened:
+                raise MarkerError(
+                    f"{path}:{line_number}: Q{opening['number']} opens inside the region of "
+                    f"Q{opened['number']} opened at line {open_line}; close it first (# <<< "
+                    f"Q{opened['number']})"
+                )
+            if not opening["indent"]:
+                raise MarkerError(
+                    f"{path}:{line_number}: Q{opening['number']} is at module level, where its "
+                    "stub would run at import; mark statements inside a function instead"
+                )
+            opened, open_line = opening, line_number
+        elif closing:
+            if not opened:
+                raise MarkerError(
+                    f"{path}:{line_number}: # <<< Q{closing['number']} closes no open region"
+                )
+            if closing["number"] != opened["number"]:
+                raise MarkerError(
+                    f"{path}:{line_number}: # <<< Q{closing['number']} closes the region of "
+                    f"Q{opened['number']} opened at line {open_line}"
+                )
+            if closing["indent"] != opened["indent"]:
+                raise MarkerError(
+                    f"{path}:{line_number}: # <<< Q{closing['number']} is not indented like "
+                    f"its opening marker at line {open_line}"
+                )
+            if line_number == open_line + 1:
+                raise MarkerError(f"{path}:{open_line}: the region of Q{opened['number']} is empty")
+            region = Region(
+                path=path,
+                question=int(opened["number"]),
+                task=opened["task"],
+                optional=bool(opened["optional"]),
+                indent=opened["indent"],
+                open_line=open_line,
+                close_line=line_number,
+            )
+            if any(len(line) > LINE_LENGTH for line in region.stub().splitlines()):
+                raise MarkerError(
+                    f"{path}:{open_line}: the task of Q{region.question} makes a stub longer "
+                    f"than {LINE_LENGTH} characters; shorten it"
+                )
+            regions.append(region)
+            opened = None
+        elif MARKER_LIKE.match(line):
+            raise MarkerError(
+                f"{path}:{line_number}: malformed marker {line.strip()!r}; the forms are "
+                "'# >>> Qn: task', '# >>> Qn (optional): task' and '# <<< Qn'"
+            )
+        elif opened and line.strip() and not line.startswith(opened["indent"]):
+            raise MarkerError(
+                f"{path}:{line_number}: this line of the region of Q{opened['number']} is "
+                f"indented less than its marker at line {open_line}"
+            )
+    if opened:
+        raise MarkerError(
+            f"{path}:{open_line}: the region of Q{opened['number']} is never closed "
+            f"(# <<< Q{opened['number']})"
+        )
+    return regions
+
+
+def student_version(text: str, path: str) -> str:
+    """`text` with every marked region replaced by its stub; checked to still parse."""
+    lines = text.splitlines(keepends=True)
+    # source_lines[i]: the line of `text` that output line i + 1 comes from (a stub: its
+    # opening marker), so that a syntax error is reported where the teacher can fix it.
+    source_lines = list(range(1, len(lines) + 1))
+    for region in reversed(find_regions(text, path)):
+        stub = region.stub().splitlines(keepends=True)
+        lines[region.open_line - 1 : region.close_line] = stub
+        source_lines[region.open_line - 1 : region.close_line] = [region.open_line] * len(stub)
+    result = "".join(lines)
+    try:
+        ast.parse(result, filename=path)
+    except SyntaxError as error:
+        output_line = min(max(error.lineno or 1, 1), len(source_lines))
+        raise MarkerError(
+            f"{path}:{source_lines[output_line - 1]}: the student version does not parse "
+            f"({error.msg}); a region must hold whole statements, e.g. a whole function body"
+        ) from None
+    return result
+
+
+def solution_version(text: str, path: str) -> str:
+    """`text` without its marker lines, once the student version is known to be sound."""
+    student_version(text, path)
+    regions = find_regions(text, path)
+    marker_lines = {r.open_line for r in regions} | {r.close_line for r in regions}
+    lines = text.splitlines(keepends=True)
+    return "".join(line for number, line in enumerate(lines, 1) if number not in marker_lines)
+
+
+def check_no_markers(text: str, path: str) -> None:
+    """MarkerError for a marker in a file that is copied as it is."""
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if MARKER_LIKE.match(line):
+            raise MarkerError(
+                f"{path}:{line_number}: solution markers belong only in "
+                f"{', '.join(SOLUTION_FILES)}; this file is copied as it is"
+            )
+
+
+def build_bundle(source: Path, solution: bool = False) -> dict[str, tuple[str, int]]:
+    """Every file of the bundle as ``{relative path: (text, mode)}``, in a fixed order.
+
+    solution: keep the answers (markers removed) instead of stubbing them.
+    """
+    bundle: dict[str, tuple[str, int]] = {}
+    for name in SOLUTION_FILES + COPIED_FILES:
+        path = source / name
+        if not path.is_file():
+            if name in OPTIONAL_FILES:
+                continue
+            raise MarkerError(f"{path}: missing; the bundle needs it")
+        text = path.read_text()
+        if name in SOLUTION_FILES:
+            text = solution_version(text, name) if solution else student_version(text, name)
+        else:
+            check_no_markers(text, name)
+        # Only the executable bit is kept, so that the modes do not depend on the umask.
+        mode = 0o755 if path.stat().st_mode & 0o100 else 0o644
+        bundle[name] = (text, mode)
+    return bundle
+
+
+def all_regions(source: Path) -> list[Region]:
+    """The marked regions of the solution files, file by file."""
+    regions: list[Region] = []
+    for name in SOLUTION_FILES:
+        regions += find_regions((source / name).read_text(), name)
+    return regions
+
+
+def check_out_dir(out: Path, source: Path) -> None:
+    """Refuse to write into the project itself, inside it, or over a file."""
+    out, source = out.resolve(), source.resolve()
+    if out == source or source in out.parents:
+        raise MarkerError(
+            f"--out {out} is inside the project {source}: the bundle would overwrite or mix "
+            "with the solution; write it elsewhere, e.g. --out ../segmentation-lab-student"
+        )
+    if out.exists() and not out.is_dir():
+        raise MarkerError(f"--out {out} is a file, not a directory")
+
+
+def write_bundle(bundle: dict[str, tuple[str, int]], out: Path) -> None:
+    """Write the files of `bundle` under `out`, replacing those already there."""
+    for name, (text, mode) in bundle.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write the student (or solution) bundle of the lab from this solution.",
+        epilog="The marker syntax is described at the top of make_lab.py.",
+    )
+    parser.add_argument("--out", help="directory to write the bundle to (outside this folder)")
+    parser.add_argument(
+        "--solution", action="store_true", help="keep the answers, drop only the marker lines"
+    )
+    parser.add_argument("--list", action="store_true", help="print the marked regions and exit")
+    parser.add_argument(
+        "--source", default=str(PROJECT_ROOT), help="the solution folder (default: this one)"
+    )
+    args = parser.parse_args(argv)
+    source = Path(args.source)
+    if not args.list and not args.out:
+        parser.error("--out DIR is required (or --list)")
+    try:
+        if args.list:
+            for region in all_regions(source):
+                kind = "optional" if region.optional else "stub"
+                where = f"{region.path}:{region.open_line}"
+                print(f"Q{region.question:<3} {where:<16} {kind:<8} {region.task}")
+            return 0
+        out = Path(args.out)
+        check_out_dir(out, source)
+        bundle = build_bundle(source, args.solution)
+    except MarkerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    write_bundle(bundle, out)
+    questions = sorted({region.question for region in all_regions(source)})
+    kind = "solution" if args.solution else "student"
+    print(
+        f"wrote the {kind} bundle to {out}: {len(bundle)} files, questions "
+        f"{', '.join(f'Q{n}' for n in questions)}"
+    )
+    if "README.md" not in bundle:
+        print("note: the project has no README.md, so neither has the bundle")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

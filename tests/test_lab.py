@@ -1,0 +1,719 @@
+"""Self-checks of the lab: each question of LAB.md has its own, run with
+
+    python -m pytest tests/test_lab.py -k q05        (the checks of Q5)
+    python -m pytest tests/test_lab.py               (all of them)
+
+Every check is named test_qNN_..., NN being the question number in two digits, so that
+`-k q01` selects Q1 and not Q10. A failing check says in one sentence what was expected and
+what came out; a question still answered by its stub says so, with the file and function to
+edit. The checks use tiny tensors and a tiny synthetic data set (made once per run by
+tests/conftest.py): the whole file runs in a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+
+import data
+import main
+import metrics
+import models
+
+CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
+STUB_MESSAGE = re.compile(r"^Q(?P<number>\d+): (?P<task>.*)$", re.DOTALL)
+
+
+# ----------------------------------------------------------------------------------------
+# Verdicts
+
+
+def stub_verdict(question: int, message: str) -> str:
+    """The sentence for a NotImplementedError raised while checking `question`."""
+    match = STUB_MESSAGE.match(message)
+    if not match:
+        return f"Q{question}: your code raised NotImplementedError({message!r})"
+    todo = f"Q{match['number']} is not implemented yet: {match['task']}"
+    if int(match["number"]) == question:
+        return todo
+    return f"Q{question} needs Q{match['number']} first. {todo}"
+
+
+def self_check(check: Callable) -> Callable:
+    """Decorate a check named test_qNN_...: a stub or a failed expectation comes out as one
+    plain sentence about QNN. Other exceptions keep their traceback: they point at a bug."""
+    match = CHECK_NAME.match(check.__name__)
+    if not match:
+        raise ValueError(f"{check.__name__}: a self-check is named test_qNN_...")
+    question = int(match["number"])
+
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except NotImplementedError as error:
+            message = stub_verdict(question, str(error))
+        except AssertionError as error:
+            message = f"Q{question}: {error}"
+        # Outside the except clauses, so that the report shows no chained traceback.
+        pytest.fail(message, pytrace=False)
+
+    return run
+
+
+def expect(condition: bool, message: str) -> None:
+    """Fail the current check with `message`: what was expected, and what came out."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def shape_of(value: object) -> str:
+    """A tensor's shape as a tuple, or what the value is instead."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    return f"a {type(value).__name__}, not a tensor"
+
+
+def expect_tensor(value: object, shape: tuple, dtype: torch.dtype, what: str) -> None:
+    expect(
+        isinstance(value, torch.Tensor) and tuple(value.shape) == shape,
+        f"{what} should have shape {shape}, got {shape_of(value)}",
+    )
+    expect(value.dtype == dtype, f"{what} should be {dtype}, got {value.dtype}")
+
+
+# ----------------------------------------------------------------------------------------
+# Q1: decode_semantic
+
+CHAIR_INDEX = 65536 * 1 + 256 * 2 + 3  # a label index that needs all three channels
+
+
+def small_label_table() -> torch.Tensor:
+    """A table of 70,000 labels: label k < 14 is class k, label CHAIR_INDEX is a chair,
+    and, as load_label_table does, one last entry 0 for every index past the list."""
+    table = torch.zeros(70_001, dtype=torch.uint8)
+    table[: data.NUM_CLASSES] = torch.arange(data.NUM_CLASSES, dtype=torch.uint8)
+    table[CHAIR_INDEX] = data.CLASSES.index("chair")
+    return table
+
+
+def encode_labels(label_indices: list[list[int]]) -> torch.Tensor:
+    """Label indices (H, W) -> the (3, H, W) uint8 colors of a semantic PNG."""
+    indices = torch.tensor(label_indices, dtype=torch.int64)
+    return torch.stack([indices // 65536 % 256, indices // 256 % 256, indices % 256]).byte()
+
+
+@self_check
+def test_q01_label_colors_become_class_ids():
+    wall, floor = data.CLASSES.index("wall"), data.CLASSES.index("floor")
+    semantic = encode_labels([[wall, CHAIR_INDEX, floor], [0, floor, wall]])
+    original = semantic.clone()
+    decoded = data.decode_semantic(semantic, small_label_table())
+    expect_tensor(decoded, (2, 3), torch.uint8, "decode_semantic of a (3, 2, 3) image")
+    chair = data.CLASSES.index("chair")
+    expected = [[wall, chair, floor], [0, floor, wall]]
+    expect(
+        decoded.tolist() == expected,
+        f"expected the class ids {expected}, got {decoded.tolist()}; the label index of a "
+        "pixel is R * 65536 + G * 256 + B",
+    )
+    expect(torch.equal(semantic, original), "decode_semantic must not modify its input")
+
+
+@self_check
+def test_q01_no_data_and_unknown_colors_are_class_0():
+    no_data = 0x0D0D0D  # 855,309: far past the end of the list
+    semantic = encode_labels([[no_data, 70_000, 2**24 - 1, 69_999]])
+    decoded = data.decode_semantic(semantic, small_label_table())
+    expect(
+        decoded.tolist() == [[0, 0, 0, 0]],
+        "#0D0D0D and every index past the end of the label list should be class 0 "
+        f"(<UNK>), got {decoded.tolist()}",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Q2: StanfordDataset.load
+
+
+@self_check
+def test_q02_a_sample_is_an_image_and_its_class_ids(synthetic_root):
+    dataset = data.StanfordDataset(synthetic_root, ["1"])
+    sample = dataset[0]
+    expect(isinstance(sample, tuple) and len(sample) == 2, "a sample should be (image, mask)")
+    image, mask = sample
+    expect_tensor(image, (3, 64, 64), torch.uint8, "the image of a 64x64 frame")
+    expect_tensor(mask, (64, 64), torch.int64, "the mask of a 64x64 frame")
+    expect(
+        torch.equal(image, data.read_png(dataset.frames[0].rgb_path)),
+        "without transforms the image should be the rgb PNG as it is",
+    )
+    expect(
+        torch.equal(mask, dataset.label_mask(0).long()),
+        "without transforms the mask should be the decoded semantic PNG",
+    )
+
+
+@self_check
+def test_q02_transforms_move_image_and_mask_together(synthetic_root):
+    flip_and_shrink = T.Compose([T.RandomHorizontalFlip(p=1.0), T.Resize(32, antialias=True)])
+    transformed = data.StanfordDataset(synthetic_root, ["1"], transforms=flip_and_shrink)
+    image, mask = transformed[0]
+    expect_tensor(image, (3, 32, 32), torch.uint8, "the image after a resize to 32")
+    expect_tensor(
+        mask,
+        (32, 32),
+        torch.int64,
+        "the mask after a resize to 32 (wrap it in tv_tensors.Mask so the transform sees it)",
+    )
+    plain = data.StanfordDataset(synthetic_root, ["1"])
+    expected_image = flip_and_shrink(tv_tensors.Image(data.read_png(plain.frames[0].rgb_path)))
+    expected_mask = flip_and_shrink(tv_tensors.Mask(plain.label_mask(0))).long()
+    expect(
+        torch.equal(image, expected_image.as_subclass(torch.Tensor)),
+        "the image should be flipped and resized by the transforms",
+    )
+    expect(
+        torch.equal(mask, expected_mask.as_subclass(torch.Tensor)),
+        "the mask should be flipped and resized exactly like the image (nearest neighbour)",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Q3: exploring with data.py show and histogram
+
+
+@self_check
+def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, capsys):
+    picture = tmp_path / "sample.png"
+    args = ["show", "--datadir", str(synthetic_root), "--areas", "1", "--out", str(picture)]
+    expect(data.main(args) == 0, "python data.py show should succeed")
+    printed = capsys.readouterr().out
+    for expected in ("(3, 64, 64)", "torch.uint8", "(64, 64)", "torch.int64"):
+        expect(expected in printed, f"data.py show should print {expected}, it printed:\n{printed}")
+    expect(picture.is_file(), f"data.py show should write {picture}")
+
+
+@self_check
+def test_q03_histogram_counts_every_pixel(synthetic_root, tmp_path):
+    out = tmp_path / "histogram.json"
+    args = ["histogram", "--datadir", str(synthetic_root), "--areas", "1", "2"]
+    expect(data.main([*args, "--out", str(out)]) == 0, "python data.py histogram should succeed")
+    result = json.loads(out.read_text())
+    expected_pixels = 12 * 64 * 64  # 6 frames of 64x64 in each of the two areas
+    expect(
+        sum(result["pixel_count"]) == expected_pixels,
+        f"12 frames of 64x64 hold {expected_pixels} pixels, the histogram counts "
+        f"{sum(result['pixel_count'])}",
+    )
+    expect(
+        len(result["pixel_share"]) == data.NUM_CLASSES
+        and math.isclose(sum(result["pixel_share"]), 1.0, rel_tol=1e-5),
+        f"expected {data.NUM_CLASSES} shares summing to 1, got {result['pixel_share']}",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Q4: train_transforms
+
+STRIPE = 8  # pixels per stripe of the test pattern
+
+
+def striped_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (3, S, S) uint8 image of vertical stripes whose red value encodes the class
+    (class * 20), and its (S, S) uint8 mask; classes 1, 2, ... from left to right."""
+    classes = (torch.arange(size) // STRIPE + 1).expand(size, size)
+    image = torch.stack([classes * 20, 255 - classes * 20, torch.full_like(classes, 90)])
+    return image.byte(), classes.byte()
+
+
+def apply(transform: Callable, image: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """Call a v2 transform on (image, mask) the way StanfordDataset does."""
+    out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
+
+
+@self_check
+def test_q04_crops_have_the_requested_size():
+    image, mask = striped_pair()
+    transform = data.train_transforms(32)
+    out_image, out_mask = apply(transform, image, mask)
+    expect_tensor(out_image, (3, 32, 32), torch.uint8, "train_transforms(32) of an image")
+    expect_tensor(out_mask, (32, 32), torch.uint8, "train_transforms(32) of a (H, W) mask")
+    colors = torch.stack([mask, mask, mask])
+    _, out_colors = apply(transform, image, colors)
+    expect_tensor(out_colors, (3, 32, 32), torch.uint8, "train_transforms(32) of a color mask")
+
+
+@self_check
+def test_q04_image_and_mask_stay_aligned():
+    image, mask = striped_pair()
+    transform = data.train_transforms(64, jitter=0.0)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_image, out_mask = apply(transform, image, mask)
+        # Bilinear resizing blends colors at stripe borders: compare inside the stripes.
+        inside = torch.ones_like(out_mask, dtype=torch.bool)
+        for shift in (-2, -1, 1, 2):
+            inside &= out_mask == torch.roll(out_mask, shift, dims=1)
+        inside[:, :2] = inside[:, -2:] = False
+        class_of_color = (out_image[0].float() / 20).round().to(torch.uint8)
+        agreement = (class_of_color == out_mask)[inside].float().mean().item()
+        expect(
+            agreement > 0.99,
+            f"with seed {seed}, image and mask disagree on {1 - agreement:.0%} of the pixels: "
+            "every geometric transform must move both the same way",
+        )
+
+
+@self_check
+def test_q04_masks_are_resized_without_blending():
+    image, mask = striped_pair()
+    transform = data.train_transforms(48)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        _, out_mask = apply(transform, image, mask)
+        new_values = set(out_mask.unique().tolist()) - set(mask.unique().tolist())
+        expect(
+            not new_values,
+            f"the mask holds class ids {sorted(new_values)} that the input did not: masks "
+            "must be resized with nearest neighbour, never blended",
+        )
+
+
+@self_check
+def test_q04_crops_and_flips_are_random():
+    image, mask = striped_pair()
+    transform = data.train_transforms(32, jitter=0.0)
+    crops, flips = set(), 0
+    for seed in range(16):
+        torch.manual_seed(seed)
+        _, out_mask = apply(transform, image, mask)
+        crops.add(tuple(out_mask[0].tolist()))
+        steps = torch.diff(out_mask[0].long())
+        flips += int((steps < 0).sum() > (steps > 0).sum())
+    expect(len(crops) > 8, f"16 random crops gave only {len(crops)} different results")
+    expect(0 < flips < 16, f"{flips} of 16 samples were flipped left-right: expected about half")
+
+
+@self_check
+def test_q04_color_jitter_changes_the_image_only():
+    image = torch.empty(3, 40, 40, dtype=torch.uint8)
+    image[0], image[1], image[2] = 100, 120, 140
+    mask = torch.full((40, 40), 3, dtype=torch.uint8)
+    plain = data.train_transforms(32, jitter=0.0)
+    torch.manual_seed(0)
+    out_image, _ = apply(plain, image, mask)
+    expect(
+        torch.equal(out_image, image[:, :32, :32]),
+        "with jitter=0.0 a plain-colored image should keep its color",
+    )
+    jittered = data.train_transforms(32, jitter=0.4)
+    changed = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out_image, out_mask = apply(jittered, image, mask)
+        changed += int(not torch.equal(out_image, image[:, :32, :32]))
+        expect(bool((out_mask == 3).all()), "the color jitter must leave the mask alone")
+    expect(changed > 0, "with jitter=0.4 the colors never changed: add a T.ColorJitter")
+
+
+# ----------------------------------------------------------------------------------------
+# Q5 to Q9: the UNet
+
+
+def conv_bn_parameters(cin: int, cout: int) -> int:
+    """Parameters of a Conv 3x3 with bias followed by a BatchNorm: weights, bias, scale, shift."""
+    return cin * cout * 9 + cout + 2 * cout
+
+
+def up_block_parameters(cin: int, cout: int) -> int:
+    return (
+        conv_bn_parameters(cin, cin // 2)
+        + conv_bn_parameters(cin, cout)
+        + (conv_bn_parameters(cout, cout))
+    )
+
+
+def leaf_layers(module: nn.Module) -> list[str]:
+    """The layer types of `module` in the order they were created, containers left out."""
+    return [type(m).__name__ for m in module.modules() if not list(m.children())]
+
+
+@self_check
+def test_q05_conv_block_shapes():
+    torch.manual_seed(0)
+    block = models.UNetConvBlock(3, 8)
+    result = block(torch.randn(2, 3, 16, 12))
+    expect(
+        isinstance(result, tuple) and len(result) == 2,
+        "UNetConvBlock.forward should return (pooled outputs, features)",
+    )
+    pooled, features = result
+    expect_tensor(pooled, (2, 8, 8, 6), torch.float32, "the pooled output of (2, 3, 16, 12)")
+    expect_tensor(features, (2, 8, 16, 12), torch.float32, "the features of (2, 3, 16, 12)")
+    expect(
+        torch.equal(pooled, F.max_pool2d(features, 2)),
+        "the pooled output should be the 2x2 max-pool of the features",
+    )
+
+
+@self_check
+def test_q05_conv_block_layers():
+    block = models.UNetConvBlock(3, 8)
+    expected = ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
+    layers = leaf_layers(block)
+    expect(layers == expected, f"expected the layers {expected} in this order, got {layers}")
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    expect(
+        all(conv.kernel_size == (3, 3) and conv.padding == (1, 1) for conv in convs),
+        "both convolutions should be 3x3 with padding 1, so that they keep H and W",
+    )
+    expected_count = conv_bn_parameters(3, 8) + conv_bn_parameters(8, 8)
+    count = models.count_parameters(block)
+    expect(count == expected_count, f"expected {expected_count} parameters, got {count}")
+
+
+class StandInConvBlock(nn.Module):
+    """A parameter-free stand-in for UNetConvBlock, so that the checks of Q6 need no Q5:
+    (B, cin, H, W) -> pooled (B, cout, H/2, W/2) and features (B, cout, H, W)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cout = cout
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = x.mean(dim=1, keepdim=True).expand(-1, self.cout, -1, -1).contiguous()
+        return F.max_pool2d(features, 2), features
+
+
+@self_check
+def test_q06_encoder_shapes(monkeypatch):
+    monkeypatch.setattr(models, "UNetConvBlock", StandInConvBlock)
+    encoder = models.UNetEncoder(3, num_blocks=2, base_chan=4)
+    expect(
+        getattr(encoder, "cout", None) == 16,
+        f"encoder.cout should be 4 * 2**2 = 16, got {getattr(encoder, 'cout', None)}",
+    )
+    outputs, features = encoder(torch.randn(1, 3, 16, 20))
+    expect_tensor(outputs, (1, 16, 4, 5), torch.float32, "the encoder outputs of a 16x20 image")
+    shapes = [tuple(f.shape) for f in features]
+    expected = [(1, 4, 16, 20), (1, 8, 8, 10)]
+    expect(shapes == expected, f"expected features of shapes {expected}, got {shapes}")
+
+
+@self_check
+def test_q06_encoder_last_block_layers(monkeypatch):
+    monkeypatch.setattr(models, "UNetConvBlock", StandInConvBlock)
+    encoder = models.UNetEncoder(3, num_blocks=2, base_chan=4)
+    count = models.count_parameters(encoder)  # the stand-in blocks have none
+    expected = conv_bn_parameters(8, 16)
+    expect(
+        count == expected,
+        f"expected {expected} parameters in the last block (Conv 3x3 8 -> 16 and BatchNorm), "
+        f"got {count}",
+    )
+    layers = leaf_layers(encoder)[-3:]
+    expect(
+        layers == ["Conv2d", "ReLU", "BatchNorm2d"],
+        f"the last block should be Conv 3x3 - ReLU - BatchNorm, got {layers}",
+    )
+
+
+@self_check
+def test_q07_up_block_shapes():
+    block = models.UNetUpConvBlock(16, 8)
+    outputs = block(torch.randn(2, 16, 4, 5), torch.randn(2, 8, 8, 10))
+    expect_tensor(outputs, (2, 8, 8, 10), torch.float32, "UNetUpConvBlock(16, 8) of (2, 16, 4, 5)")
+    count = models.count_parameters(block)
+    expected = up_block_parameters(16, 8)
+    expect(
+        count == expected,
+        f"expected {expected} parameters (Conv 16 -> 8 after the upsampling, then Conv "
+        f"16 -> 8 and Conv 8 -> 8, each with a BatchNorm), got {count}",
+    )
+
+
+@self_check
+def test_q07_up_block_uses_the_skip_connection():
+    torch.manual_seed(0)
+    block = models.UNetUpConvBlock(16, 8).eval()
+    inputs, skip = torch.randn(1, 16, 4, 4), torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        first, second = block(inputs, skip), block(inputs, skip + 1.0)
+    expect(
+        not torch.allclose(first, second),
+        "the output does not depend on encoder_features: concatenate them to the upsampled map",
+    )
+
+
+@self_check
+def test_q08_decoder_shapes():
+    decoder = models.UNetDecoder(16, num_blocks=2, num_classes=5)
+    features = [torch.randn(1, 4, 16, 20), torch.randn(1, 8, 8, 10)]
+    logits = decoder(torch.randn(1, 16, 4, 5), features)
+    expect_tensor(logits, (1, 5, 16, 20), torch.float32, "the logits of the decoder")
+    expected = conv_bn_parameters(16, 16) + up_block_parameters(16, 8)
+    expected += up_block_parameters(8, 4) + 4 * 5 + 5
+    count = models.count_parameters(decoder)
+    expect(count == expected, f"expected {expected} parameters, got {count}")
+
+
+@self_check
+def test_q08_decoder_refuses_a_wrong_number_of_feature_maps():
+    decoder = models.UNetDecoder(16, num_blocks=2, num_classes=5)
+    try:
+        decoder(torch.randn(1, 16, 4, 4), [torch.randn(1, 8, 8, 8)])
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as error:  # the decoder must name the problem itself
+        raise AssertionError(
+            "a decoder of 2 up blocks given 1 feature map should raise a ValueError that says "
+            f"so, it raised {type(error).__name__}: {error}"
+        ) from None
+    raise AssertionError("a decoder of 2 up blocks given 1 feature map should raise a ValueError")
+
+
+@self_check
+def test_q08_whole_unet_matches_the_handout():
+    # On the meta device nothing is allocated: even the full-size UNet builds at once.
+    with torch.device("meta"):
+        unet = models.build_unet(data.NUM_CLASSES)
+        demo_unet = models.build_unet(data.NUM_CLASSES, num_blocks=3, base_chan=16)
+        logits = unet(torch.empty(1, 3, 64, 48))
+    expect_tensor(logits, (1, data.NUM_CLASSES, 64, 48), torch.float32, "the UNet's logits")
+    for model, expected in [(unet, 34_527_886), (demo_unet, 537_646)]:
+        count = models.count_parameters(model)
+        expect(count == expected, f"expected a UNet of {expected:,} parameters, got {count:,}")
+
+
+@self_check
+def test_q09_unet_takes_any_image_size():
+    unet = models.UNet(num_classes=5, num_blocks=3, base_chan=4).eval()
+    try:
+        with torch.no_grad():
+            logits = unet(torch.randn(1, 3, 50, 37))
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise AssertionError(
+            f"a 50x37 image fails ({first_line}): pad it to a multiple of 2**num_blocks "
+            "before the encoder and crop the logits back"
+        ) from None
+    expect_tensor(logits, (1, 5, 50, 37), torch.float32, "the logits of a 50x37 image")
+
+
+# ----------------------------------------------------------------------------------------
+# Q10, Q11: confusion matrix and scores
+
+
+@self_check
+def test_q10_hand_counted_confusion_matrix():
+    targets = torch.tensor([[0, 1, 1, 2, 3, 3]])
+    preds = torch.tensor([[1, 1, 2, 2, 3, 0]])
+    matrix = metrics.confusion_counts(preds, targets, num_classes=4, ignore_index=0)
+    expect_tensor(matrix, (4, 4), torch.int64, "the confusion matrix of 4 classes")
+    expected = [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+    expect(
+        matrix.tolist() == expected,
+        f"expected {expected} (rows: true class, columns: predicted, the ignored row 0 "
+        f"empty), got {matrix.tolist()}",
+    )
+
+
+@self_check
+def test_q10_matches_a_count_pixel_by_pixel():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 6, (2, 8, 8), generator=generator)
+    preds = torch.randint(0, 6, (2, 8, 8), generator=generator)
+    expected = torch.zeros(6, 6, dtype=torch.int64)
+    for true, predicted in zip(targets.flatten().tolist(), preds.flatten().tolist(), strict=True):
+        if true != 2:
+            expected[true, predicted] += 1
+    matrix = metrics.confusion_counts(preds, targets, num_classes=6, ignore_index=2)
+    expect(
+        torch.equal(matrix, expected),
+        f"on a random batch, with ignore_index=2, expected\n{expected}\ngot\n{matrix}",
+    )
+
+
+def expect_close(value: object, expected: float, what: str) -> None:
+    number = float(value)
+    same = math.isclose(number, expected, rel_tol=1e-6) or (
+        math.isnan(expected) and math.isnan(number)
+    )
+    expect(same, f"{what} should be {expected:.6g}, got {number:.6g}")
+
+
+@self_check
+def test_q11_hand_computed_scores():
+    # Class 0 is ignored; one pixel of class 1 was predicted as class 0, a plain miss.
+    matrix = torch.tensor([[0, 0, 0], [1, 8, 1], [0, 4, 6]])
+    scores = metrics.scores_from_confusion(matrix, ignore_index=0)
+    expected = {
+        "iou": [math.nan, 8 / 14, 6 / 11],
+        "accuracy": [math.nan, 8 / 10, 6 / 10],
+        "f1": [math.nan, 16 / 22, 12 / 17],
+    }
+    for name, values in expected.items():
+        for index, value in enumerate(values):
+            expect_close(scores[name][index], value, f"{name} of class {index}")
+    expect_close(scores["miou"], (8 / 14 + 6 / 11) / 2, "miou")
+    expect_close(scores["mean_accuracy"], 0.7, "mean_accuracy")
+    expect_close(scores["macro_f1"], (16 / 22 + 12 / 17) / 2, "macro_f1")
+    expect_close(scores["pixel_accuracy"], 14 / 20, "pixel_accuracy")
+
+
+@self_check
+def test_q11_absent_classes_are_left_out_of_the_means():
+    # Class 3 never occurs; class 2 is predicted but absent from the targets.
+    matrix = torch.tensor([[0, 0, 0, 0], [0, 6, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    scores = metrics.scores_from_confusion(matrix, ignore_index=0)
+    expect_close(scores["iou"][3], math.nan, "the IoU of a class never seen nor predicted")
+    expect_close(scores["iou"][2], 0.0, "the IoU of a class predicted but absent")
+    expect_close(scores["accuracy"][2], math.nan, "the accuracy of a class absent")
+    expect_close(scores["miou"], (6 / 8 + 0.0) / 2, "miou (classes 1 and 2 only)")
+    expect_close(scores["mean_accuracy"], 6 / 8, "mean_accuracy (class 1 only)")
+
+
+# Pixel shares of the 14 classes over the whole data set, in the order of data.CLASSES.
+DATASET_SHARES = (1.26, 1.57, 2.71, 7.17, 9.94, 3.87, 11.23, 3.05, 10.98, 8.45, 0.33, 2.88,
+                  33.67, 2.88)  # fmt: skip
+
+
+@self_check
+def test_q11_always_wall_scores_as_in_the_handout():
+    wall = data.CLASSES.index("wall")
+    matrix = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64)
+    matrix[1:, wall] = torch.tensor([round(share * 100) for share in DATASET_SHARES[1:]])
+    scores = metrics.scores_from_confusion(matrix)
+    labelled = sum(DATASET_SHARES[1:])
+    expect_close(scores["pixel_accuracy"], 33.67 / labelled, "the pixel accuracy")
+    expect_close(scores["miou"], 33.67 / labelled / 13, "the mIoU")
+    expect_close(scores["mean_accuracy"], 1 / 13, "the mean accuracy")
+    wall_f1 = 2 * 33.67 / (2 * 33.67 + labelled - 33.67)
+    expect_close(scores["macro_f1"], wall_f1 / 13, "the macro F1")
+
+
+# ----------------------------------------------------------------------------------------
+# Q12: class weights
+
+
+def expect_weights(weights: object, expected: list[float], method: str) -> None:
+    expect_tensor(weights, (len(expected),), torch.float32, f"the {method} weights")
+    expect(
+        torch.allclose(weights, torch.tensor(expected), rtol=1e-5),
+        f"{method}: expected the weights {[round(w, 4) for w in expected]}, got "
+        f"{[round(w, 4) for w in weights.tolist()]}",
+    )
+
+
+def normalized(raw: list[float]) -> list[float]:
+    """0 for the ignored class 0, then `raw` scaled to mean 1."""
+    mean = sum(raw) / len(raw)
+    return [0.0] + [value / mean for value in raw]
+
+
+@self_check
+def test_q12_inverse_and_inverse_sqrt_weights():
+    # The share of class 0 (ignored) does not count: the others are 1/2, 1/4, 1/4.
+    freqs = [0.1, 0.45, 0.225, 0.225]
+    weights = metrics.class_weights_from_frequencies(freqs, method="inverse")
+    expect_weights(weights, normalized([2.0, 4.0, 4.0]), "inverse")
+    weights = metrics.class_weights_from_frequencies(freqs, method="inverse_sqrt")
+    expect_weights(weights, normalized([math.sqrt(2), 2.0, 2.0]), "inverse_sqrt")
+
+
+@self_check
+def test_q12_effective_number_weights():
+    freqs = [0.0, 0.5, 0.25, 0.25]
+    beta, num_samples = 0.99, 100
+    weights = metrics.class_weights_from_frequencies(
+        freqs, method="effective", beta=beta, num_samples=num_samples
+    )
+    raw = [(1 - beta) / (1 - beta ** (share * num_samples)) for share in freqs[1:]]
+    expect_weights(weights, normalized(raw), "effective")
+
+
+@self_check
+def test_q12_unseen_class_gets_the_largest_weight():
+    weights = metrics.class_weights_from_frequencies([5, 800, 200, 0], method="inverse")
+    expect_weights(weights, normalized([1.25, 5.0, 5.0]), "inverse, from pixel counts")
+
+
+# ----------------------------------------------------------------------------------------
+# Q13, Q14: training, testing and predicting from the command line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
+    """A run of one epoch of a tiny UNet with the weighted cross-entropy; the error instead
+    when training fails, so that each check reports it under its own question."""
+    logdir = tmp_path_factory.mktemp("lab-runs")
+    args = [
+        "train", "--datadir", str(synthetic_root), "--areas", "1", "--val-areas", "2",
+        "--num-blocks", "2", "--base-chan", "4", "--img-size", "32", "--loss", "wce",
+        "--epochs", "1", "--batch-size", "2", "--warmup-steps", "1", "--workers", "0",
+        "--device", "cpu", "--logdir", str(logdir), "--name", "tiny",
+    ]  # fmt: skip
+    try:
+        code = main.main(args)
+    except Exception as error:  # reported by the checks that need the run
+        return error
+    if code != 0:
+        return AssertionError(f"python main.py {' '.join(args)} ended with exit code {code}")
+    return logdir / "tiny"
+
+
+def run_directory(tiny_run: Path | Exception) -> Path:
+    if isinstance(tiny_run, Exception):
+        raise tiny_run
+    return tiny_run
+
+
+@self_check
+def test_q13_training_writes_checkpoints_and_metrics(tiny_run):
+    run = run_directory(tiny_run)
+    for name in ("best.pt", "last.pt", "metrics.jsonl"):
+        expect((run / name).is_file(), f"training should write {run / name}")
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    expect(math.isfinite(record["train_loss"]), f"the training loss is {record['train_loss']}")
+    expect(0 <= record["val"]["miou"] <= 1, f"the validation mIoU is {record['val']['miou']}")
+
+
+@self_check
+def test_q14_test_command_scores_a_held_out_area(tiny_run, synthetic_root, tmp_path):
+    run = run_directory(tiny_run)
+    args = ["test", "--model", str(run / "best.pt"), "--datadir", str(synthetic_root)]
+    args += ["--areas", "5a", "--out", str(tmp_path), "--workers", "0", "--device", "cpu"]
+    expect(main.main(args) == 0, "python main.py test should succeed")
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    expect(result["areas"] == ["5a"], f"expected the test on area 5a, got {result['areas']}")
+    expect(0 <= result["miou"] <= 1, f"the test mIoU is {result['miou']}")
+
+
+@self_check
+def test_q14_predict_keeps_the_size_of_any_image(tiny_run, tmp_path):
+    run = run_directory(tiny_run)
+    photo = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photo)
+    out = tmp_path / "predictions"
+    args = ["predict", "--model", str(run / "best.pt"), str(photo), "--out", str(out)]
+    expect(main.main([*args, "--device", "cpu"]) == 0, "python main.py predict should succeed")
+    with Image.open(out / "photo_mask.png") as mask:
+        expect(mask.size == (61, 45), f"a 61x45 photo gave a {mask.size[0]}x{mask.size[1]} mask")

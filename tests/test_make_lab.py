@@ -1,0 +1,408 @@
+"""make_lab.py and LAB.md, on the teacher's side (this file is not part of the student bundle).
+
+The student and solution bundles are generated once per module; the self-checks run in both,
+in two pytest processes at the same time, each inside its bundle.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+import make_lab
+import models
+
+LAB_TEXT = (ROOT / "LAB.md").read_text()
+QUESTION_HEADING = re.compile(r"^### Q(\d+)\b.*$", re.MULTILINE)
+
+
+@dataclass
+class Bundles:
+    student: Path
+    solution: Path
+    student_results: dict[str, tuple[str, str]]  # test name -> (outcome, message)
+    solution_results: dict[str, tuple[str, str]]
+
+
+def junit_results(report: Path) -> dict[str, tuple[str, str]]:
+    """{test name: ("passed" | "failed" | "error" | "skipped", message)} of a junit file."""
+    results = {}
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                message = child.get("message", "")
+        results[case.get("name")] = (outcome, message)
+    return results
+
+
+def start_self_checks(bundle: Path, report: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pytest", "tests/test_lab.py", "-q", "-p", "no:cacheprovider"]
+    return subprocess.Popen(
+        [*command, f"--junitxml={report}"],
+        cwd=bundle,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    base = tmp_path_factory.mktemp("bundles")
+    student, solution = base / "student", base / "solution"
+    assert make_lab.main(["--out", str(student)]) == 0
+    assert make_lab.main(["--out", str(solution), "--solution"]) == 0
+    runs = {
+        name: (start_self_checks(folder, base / f"{name}.xml"), base / f"{name}.xml")
+        for name, folder in [("student", student), ("solution", solution)]
+    }
+    results = {}
+    for name, (process, report) in runs.items():
+        output, _ = process.communicate(timeout=300)
+        assert report.is_file(), f"the self-checks of the {name} bundle did not run:\n{output}"
+        results[name] = junit_results(report)
+    return Bundles(student, solution, results["student"], results["solution"])
+
+
+def bundle_files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """{relative path: (bytes, mode)} of every file under folder, caches left out."""
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mode & 0o777)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+
+
+def lab_questions() -> dict[int, str]:
+    """{n: the text of section "### Qn ..." of LAB.md, up to the next heading}."""
+    headings = list(QUESTION_HEADING.finditer(LAB_TEXT))
+    sections = {}
+    for heading in headings:
+        rest = LAB_TEXT[heading.end() :]
+        following = re.search(r"^#{1,3} ", rest, re.MULTILINE)
+        sections[int(heading[1])] = heading[0] + rest[: following.start() if following else None]
+    return sections
+
+
+def enclosing_names(source: str, line: int) -> list[str]:
+    """Names of the classes and functions around `line`, outermost first."""
+    names: list[str] = []
+    body = ast.parse(source).body
+    while True:
+        around = [
+            node
+            for node in body
+            if isinstance(node, ast.ClassDef | ast.FunctionDef)
+            and node.lineno <= line <= node.end_lineno
+        ]
+        if not around:
+            return names
+        names.append(around[0].name)
+        body = around[0].body
+
+
+def function_node(source: str, names: list[str]) -> ast.FunctionDef | ast.ClassDef:
+    """The node of the function at the path `names` (e.g. ["UNet", "forward"])."""
+    body = ast.parse(source).body
+    for name in names:
+        node = next(
+            n for n in body if isinstance(n, ast.ClassDef | ast.FunctionDef) and n.name == name
+        )
+        body = node.body
+    return node
+
+
+REGIONS = make_lab.all_regions(ROOT)
+STUB_QUESTIONS = {region.question for region in REGIONS if not region.optional}
+
+
+# ----------------------------------------------------------------------------------------
+# The bundles
+
+
+def test_the_bundles_hold_exactly_the_listed_files(bundles):
+    expected = {
+        name for name in make_lab.SOLUTION_FILES + make_lab.COPIED_FILES if (ROOT / name).is_file()
+    }
+    assert "README.md" in expected and "tests/test_lab.py" in expected
+    for folder in (bundles.student, bundles.solution):
+        assert set(bundle_files(folder)) == expected
+    assert not (bundles.student / "tests" / "test_make_lab.py").exists()
+    assert not (bundles.student / "make_lab.py").exists()
+
+
+def test_every_python_file_of_the_bundles_parses(bundles):
+    for folder in (bundles.student, bundles.solution):
+        for path in folder.rglob("*.py"):
+            ast.parse(path.read_text(), filename=str(path))
+
+
+def test_the_student_command_lines_start(bundles):
+    # main.py imports data, models, metrics and utils: no stub may run at import.
+    for script in ("main.py", "data.py"):
+        result = subprocess.run(
+            [sys.executable, script, "--help"],
+            cwd=bundles.student,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage:")
+
+
+def test_each_stub_raises_not_implemented_naming_its_question(bundles):
+    for region in REGIONS:
+        names = enclosing_names((ROOT / region.path).read_text(), region.open_line)
+        node = function_node((bundles.student / region.path).read_text(), names)
+        text = ast.unparse(node)
+        if region.optional:
+            assert (
+                f"# TODO (Q{region.question}): {region.task}"
+                in (bundles.student / region.path).read_text()
+            )
+        else:
+            assert f"raise NotImplementedError('Q{region.question}: {region.task}" in text, names
+    # And at run time: each stubbed question's checks report its own stub.
+    for question in STUB_QUESTIONS:
+        messages = [
+            message
+            for name, (_, message) in bundles.student_results.items()
+            if name.startswith(f"test_q{question:02d}_")
+        ]
+        assert any(f"Q{question} is not implemented yet" in m for m in messages), messages
+
+
+def test_each_question_fails_on_the_student_bundle_and_passes_on_the_solution(bundles):
+    assert set(bundles.student_results) == set(bundles.solution_results)
+    for question in lab_questions():
+        checks = [
+            name for name in bundles.student_results if name.startswith(f"test_q{question:02d}_")
+        ]
+        assert checks, f"Q{question} has no self-check"
+        for name in checks:
+            assert bundles.student_results[name][0] in ("failed", "error"), name
+            assert bundles.solution_results[name][0] == "passed", bundles.solution_results[name]
+
+
+def test_no_line_of_a_marked_region_leaks_into_the_student_bundle(bundles):
+    for name in make_lab.SOLUTION_FILES:
+        solution_lines = (ROOT / name).read_text().splitlines()
+        regions = [region for region in REGIONS if region.path == name]
+        inside = {
+            number
+            for region in regions
+            for number in range(region.open_line, region.close_line + 1)
+        }
+        outside_lines = {line for n, line in enumerate(solution_lines, 1) if n not in inside}
+        stub_lines = {line for region in regions for line in region.stub().splitlines()}
+        student_lines = (bundles.student / name).read_text().splitlines()
+        extra = [line for line in student_lines if line not in outside_lines | stub_lines]
+        assert not extra, f"{name}: lines of the solution leaked: {extra}"
+        for region in regions:
+            for line in solution_lines[region.open_line : region.close_line - 1]:
+                if line.strip() and line not in outside_lines:
+                    assert line not in student_lines, f"{name}: {line!r} leaked"
+
+
+def test_no_marker_reaches_any_bundle(bundles):
+    for folder in (bundles.student, bundles.solution):
+        for relative, (content, _) in bundle_files(folder).items():
+            for line in content.decode().splitlines():
+                assert not make_lab.MARKER_LIKE.match(line), f"{relative}: {line}"
+
+
+def test_the_solution_bundle_is_the_project_without_its_markers(bundles):
+    for name in make_lab.SOLUTION_FILES:
+        source = (ROOT / name).read_text().splitlines(keepends=True)
+        kept = [line for line in source if not make_lab.MARKER_LIKE.match(line)]
+        assert (bundles.solution / name).read_text() == "".join(kept)
+    for name in make_lab.COPIED_FILES:
+        assert (bundles.solution / name).read_bytes() == (ROOT / name).read_bytes()
+        assert (bundles.student / name).read_bytes() == (ROOT / name).read_bytes()
+
+
+def test_two_runs_write_identical_trees_and_leave_other_files_alone(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert make_lab.main(["--out", str(first)]) == 0
+    written = bundle_files(first)
+    (first / "runs").mkdir()
+    (first / "runs" / "mine.txt").write_text("a student's file")
+    (first / "models.py").write_text("a student's answer, replaced by the next run")
+    assert make_lab.main(["--out", str(first)]) == 0
+    assert make_lab.main(["--out", str(second)]) == 0
+    assert bundle_files(second) == written
+    assert (first / "runs" / "mine.txt").read_text() == "a student's file"
+    after = bundle_files(first)
+    del after["runs/mine.txt"]
+    assert after == written
+    assert written["setup.sh"][1] == 0o755 and written["data.py"][1] == 0o644
+
+
+def test_refuses_to_write_into_the_project(capsys):
+    for out in (ROOT, ROOT / "student"):
+        assert make_lab.main(["--out", str(out)]) == 1
+        assert "inside the project" in capsys.readouterr().err
+    assert not (ROOT / "student").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Markers
+
+
+def body(*lines: str) -> str:
+    """A small module: line 1 is the def, then the given lines, then a closing return."""
+    return "\n".join(["def f(x):", *lines, "    return x", ""])
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (body("    # >>> Q3: do it", "    y = x"), 2, "never closed"),
+        (body("    y = x", "    # <<< Q3"), 3, "closes no open region"),
+        (body("    # >>> Q3: do it", "    y = x", "    # <<< Q4"), 4, "closes the region of Q3"),
+        (body("    # >>> Q3: a", "    # >>> Q4: b", "    # <<< Q4"), 3, "inside the region"),
+        (body("    # >>> Q3 do it", "    y = x", "    # <<< Q3"), 2, "malformed marker"),
+        (body("    # >>> Q3: do it", "    # <<< Q3"), 2, "is empty"),
+        (body("    # >>> Q3: do it", "    y = x", "  # <<< Q3"), 4, "not indented like"),
+        (body("    if x:", "        # >>> Q3: do it", "    y = x", "        # <<< Q3"), 4, "less"),
+        ("# >>> Q3: do it\nx = 1\n# <<< Q3\n", 1, "module level"),
+        (body("    # >>> Q3: " + "long " * 20, "    y = x", "    # <<< Q3"), 2, "shorten it"),
+        (
+            "def f(x):\n    # >>> Q3 (optional): do it\n    return x\n    # <<< Q3\n",
+            2,
+            "does not parse",
+        ),
+        (  # the line is that of the solution, after a region of several lines
+            body("    # >>> Q1: a", "    y = x", "    z = y", "    # <<< Q1")
+            + "\n\ndef g(x):\n    # >>> Q3 (optional): do it\n    return x\n    # <<< Q3\n",
+            10,
+            "does not parse",
+        ),
+    ],
+)
+def test_broken_markers_are_errors_with_file_and_line(text, line, message):
+    with pytest.raises(make_lab.MarkerError) as error:
+        make_lab.student_version(text, "models.py")
+    assert str(error.value).startswith(f"models.py:{line}: ")
+    assert message in str(error.value)
+
+
+def test_a_broken_marker_stops_the_command_before_writing(tmp_path):
+    source, out = tmp_path / "project", tmp_path / "bundle"
+    for name in make_lab.SOLUTION_FILES + make_lab.COPIED_FILES:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
+    lines = (source / "models.py").read_text().splitlines(keepends=True)
+    close = next(n for n, line in enumerate(lines) if line.strip() == "# <<< Q5")
+    del lines[close]
+    (source / "models.py").write_text("".join(lines))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "make_lab.py"), "--source", str(source), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert re.match(r"error: models\.py:\d+: ", result.stderr), result.stderr
+    assert not out.exists()
+
+
+def test_a_marker_in_a_copied_file_is_refused():
+    with pytest.raises(make_lab.MarkerError, match=r"^synthetic\.py:2: "):
+        make_lab.check_no_markers("x = 1\n    # >>> Q2: not here\n", "synthetic.py")
+
+
+# ----------------------------------------------------------------------------------------
+# LAB.md
+
+
+def test_every_question_of_the_handout_has_a_stub_or_a_command_and_a_self_check():
+    sections = lab_questions()
+    assert sorted(sections) == list(range(1, len(sections) + 1))
+    assert {region.question for region in REGIONS} <= set(sections)
+    tests = (ROOT / "tests" / "test_lab.py").read_text()
+    check_numbers = {int(n) for n in re.findall(r"^def test_q(\d\d)_", tests, re.MULTILINE)}
+    assert check_numbers == set(sections)
+    for question, text in sections.items():
+        command = f"**Self-check:** `python -m pytest tests/test_lab.py -k q{question:02d}`"
+        assert command in text, f"Q{question} does not name its self-check"
+        regions = [region for region in REGIONS if region.question == question]
+        if not regions:
+            assert re.search(r"^\*\*Run:\*\* `python \S+\.py", text, re.MULTILINE), question
+            continue
+        edit = re.search(r"^\*\*Edit:\*\* (.*)$", text, re.MULTILINE)
+        assert edit, f"Q{question} does not say which file to edit"
+        for region in regions:
+            names = enclosing_names((ROOT / region.path).read_text(), region.open_line)
+            assert f"`{region.path}`" in edit[1] and names[0] in edit[1], (question, names)
+
+
+def test_every_self_check_is_a_decorated_test_q_nn():
+    tree = ast.parse((ROOT / "tests" / "test_lab.py").read_text())
+    tests = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    tests = [node for node in tests if node.name.startswith("test_")]
+    assert len(tests) >= len(lab_questions())
+    for node in tests:
+        assert re.match(r"test_q\d\d_", node.name), node.name
+        assert [ast.unparse(d) for d in node.decorator_list] == ["self_check"], node.name
+    assert "make_lab" not in (ROOT / "tests" / "test_lab.py").read_text()
+
+
+def test_the_handout_covers_every_section():
+    headings = [
+        "Objectives",
+        "The data set",
+        "Setup",
+        "Data exploration",
+        "Data pipeline and augmentation",
+        "The UNet",
+        "Evaluation metrics",
+        "Losses",
+        "Training on a small subset",
+        "Inference",
+        "Going further",
+        "A possible solution",
+        "References",
+    ]
+    found = re.findall(r"^## (.+)$", LAB_TEXT, re.MULTILINE)
+    assert [h for h in found if h in headings] == headings
+    facts = [
+        "10,327", "15,714", "3,704", "13,268", "17,593", "9,890", "70,496", "#0D0D0D",
+        "33.67 %", "0.33 %", "venv", "conda", "synthetic.py", "python data.py show",
+        "TensorBoard", "torchrun", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
+        "--pretrained", "torch.export", "ONNX", "focal", "Dice", "frames/s",
+    ]  # fmt: skip
+    for fact in facts:
+        assert fact in LAB_TEXT, fact
+    for author in ("Ronneberger", "Armeni", "Lin", "Cui", "Milletari", "Long", "Chen", "Howard"):
+        assert re.search(rf"^- .*\b{author}\b", LAB_TEXT, re.MULTILINE), author
+
+
+def test_the_handout_stands_alone():
+    assert "shared/" not in LAB_TEXT and "](../" not in LAB_TEXT
+    links = re.findall(r"\]\((?!https?://)([^)]+)\)", LAB_TEXT)
+    assert all((ROOT / link).exists() for link in links), links
+
+
+def test_the_handout_numbers_are_those_of_the_code():
+    with torch.device("meta"):
+        default_unet = models.build_unet(14)
+        small_unet = models.build_unet(14, num_blocks=3, base_chan=16)
+    for model in (default_unet, small_unet):
+        assert f"{models.count_parameters(model):,}" in LAB_TEXT
