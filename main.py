@@ -410,7 +410,52 @@ def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespa
     return restored
 
 
+def prepare_run_dir(args: argparse.Namespace) -> Path:
+    """The run's folder (rank 0 creates it). A new run never overwrites an older one; a
+    resumed run continues in the folder of its checkpoint, even if that folder moved."""
+    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
+    if not is_main_process():
+        return run_dir
+    if not args.resume and (run_dir / "last.pt").exists():
+        raise CheckpointError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir}/last.pt "
+            "or choose another --name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A run killed while saving leaves the temporary file of that checkpoint behind.
+    for leftover in run_dir.glob(".*.pt.*.tmp"):
+        leftover.unlink()
+    if not args.resume:  # drop the lines of a run killed before its first checkpoint
+        trim_jsonl(run_dir / "metrics.jsonl", 0)
+    return run_dir
+
+
+def make_checkpoint(
+    args, model_config, model, optimizer, scheduler, scaler, epoch, step, results, best_miou
+) -> dict:
+    """Everything needed to use the model (config, classes, image size, normalization) and
+    to resume the run (optimizer, scheduler, scaler, counters, arguments), as plain data."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model_config,
+        "model_state": model.state_dict(),
+        "classes": list(data.CLASSES),
+        "img_size": args.img_size,
+        "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
+        "epoch": epoch,
+        "step": step,
+        "metrics": results,
+        "best_miou": best_miou,
+        "args": plain_args(args),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "scaler_state": scaler.state_dict(),
+    }
+
+
 def train(args: argparse.Namespace) -> int:
+    """The `train` command: build data, model, loss and optimizer, then train and validate
+    epoch by epoch, saving last.pt and best.pt."""
     resume_checkpoint = None
     if args.resume:
         resume_checkpoint = load_checkpoint(args.resume)
@@ -427,20 +472,7 @@ def train(args: argparse.Namespace) -> int:
         args.amp = device.type == "cuda"  # bf16 autocast on a CPU is far slower than fp32
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
-    # A resumed run continues in the folder of its checkpoint, even if that folder moved.
-    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
-    if is_main_process():
-        if not args.resume and (run_dir / "last.pt").exists():
-            raise CheckpointError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir}/last.pt "
-                "or choose another --name"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # A run killed while saving leaves the temporary file of that checkpoint behind.
-        for leftover in run_dir.glob(".*.pt.*.tmp"):
-            leftover.unlink()
-        if not args.resume:  # drop the lines of a run killed before its first checkpoint
-            trim_jsonl(run_dir / "metrics.jsonl", 0)
+    run_dir = prepare_run_dir(args)
     seed_everything(args.seed)
 
     train_set, val_set = data.get_datasets(
@@ -535,18 +567,9 @@ def train(args: argparse.Namespace) -> int:
             train_loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         train_loss = train_one_epoch(
-            train_model,
-            train_loader,
-            loss_fn,
-            optimizer,
-            scheduler,
-            scaler,
-            device,
-            args,
-            epoch,
-            writer,
-            state,
-        )
+            train_model, train_loader, loss_fn, optimizer, scheduler, scaler, device, args,
+            epoch, writer, state,
+        )  # fmt: skip
         confusion = evaluate(model, val_loader, device, args.amp, args.channels_last)
         results = confusion.compute()
         report_bad_frames(train_set, val_set)
@@ -570,22 +593,10 @@ def train(args: argparse.Namespace) -> int:
         append_jsonl(run_dir / "metrics.jsonl", record)
         is_best = results["miou"] > best_miou
         best_miou = max(best_miou, results["miou"])
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": model_config,
-            "model_state": model.state_dict(),
-            "classes": list(data.CLASSES),
-            "img_size": args.img_size,
-            "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "metrics": results,
-            "best_miou": best_miou,
-            "args": plain_args(args),
-            "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict(),
-            "scaler_state": scaler.state_dict(),
-        }
+        checkpoint = make_checkpoint(
+            args, model_config, model, optimizer, scheduler, scaler, epoch + 1, state["step"],
+            results, best_miou,
+        )  # fmt: skip
         if is_best:
             save_checkpoint(checkpoint, run_dir / "best.pt")
         save_checkpoint(checkpoint, run_dir / "last.pt")
