@@ -1005,7 +1005,7 @@ def class_histogram(
 
 
 def command_histogram(args: argparse.Namespace) -> None:
-    dataset = StanfordDataset(args.datadir, args.areas)
+    dataset = open_dataset(args.datadir, args.areas)
     counts = class_histogram(dataset)
     shares = (counts / counts.sum()).tolist()
     print(f"{len(dataset)} frames of areas {', '.join(dataset.areas)}")
@@ -1032,7 +1032,7 @@ def command_show(args: argparse.Namespace) -> None:
 
     from utils import colorize, legend_handles
 
-    dataset = StanfordDataset(args.datadir, args.areas)
+    dataset = open_dataset(args.datadir, args.areas)
     if not 0 <= args.index < len(dataset):
         raise DataError(f"--index {args.index} is out of range: {len(dataset)} frames")
     image, mask = dataset[args.index]

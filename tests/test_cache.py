@@ -262,6 +262,19 @@ def test_training_on_a_cache_directory(cache_root, tmp_path):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["epoch"] == 1
 
+    # The other commands read the cache too: test (at the cached size), show, histogram.
+    out = tmp_path / "test"
+    assert main.main(["test", "--model", str(run / "best.pt"), "--out", str(out)]) == 0
+    scores = json.loads((out / "metrics.json").read_text())
+    assert scores["areas"] == ["5a"] and scores["frames"] == 6
+    assert sum(scores["support"]) <= 6 * CACHE_SIZE * CACHE_SIZE
+    hist = tmp_path / "hist.json"
+    assert data.main(["histogram", "--datadir", str(cache_root), "--out", str(hist)]) == 0
+    assert json.loads(hist.read_text())["frames"] == 18
+    picture = tmp_path / "show.png"
+    assert data.main(["show", "--datadir", str(cache_root), "--out", str(picture)]) == 0
+    assert picture.is_file()
+
 
 # ----------------------------------------------------------------------------------------
 # The benchmark's reference
