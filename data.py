@@ -184,15 +184,23 @@ def resolve_areas(root: str | Path, areas: list[str] | None) -> list[str]:
     present = areas_on_disk(root)
     if not present:
         raise DataError(f"no area_* folder under {root}: is this a 2D-3D-S root?")
+
+    def not_found(area: str) -> str:
+        return f"area {area!r} not found under {root} (areas found: {', '.join(present)})"
+
+    return match_areas(areas, present, not_found)
+
+
+def match_areas(areas: list[str] | None, available: list[str], not_found) -> list[str]:
+    """The requested areas, spelled as on disk, in the order asked and once each; None means
+    all of `available`. An area not available raises DataError(not_found(area))."""
     if areas is None:
-        return present
+        return list(available)
     resolved: list[str] = []
     for area in areas:
         for name in normalize_area(area):
-            if name not in present:
-                raise DataError(
-                    f"area {area!r} not found under {root} (areas found: {', '.join(present)})"
-                )
+            if name not in available:
+                raise DataError(not_found(area))
             if name not in resolved:
                 resolved.append(name)
     return resolved
@@ -745,19 +753,14 @@ class CachedDataset(Dataset):
     def resolve_areas(self, areas: list[str] | None) -> list[str]:
         """The requested areas in their order, checked against the cached ones."""
         cached = list(self.num_frames_per_area)
-        if areas is None:
-            return cached
-        resolved: list[str] = []
-        for area in areas:
-            for name in normalize_area(area):
-                if name not in cached:
-                    raise DataError(
-                        f"area {area!r} is not in the cache {self.root} (cached areas: "
-                        f"{', '.join(cached)}); add it with python data.py cache --areas ..."
-                    )
-                if name not in resolved:
-                    resolved.append(name)
-        return resolved
+
+        def not_found(area: str) -> str:
+            return (
+                f"area {area!r} is not in the cache {self.root} (cached areas: "
+                f"{', '.join(cached)}); add it with python data.py cache --areas ..."
+            )
+
+        return match_areas(areas, cached, not_found)
 
     def __getstate__(self) -> dict:
         # Pickled for a worker process: send the file names, never the mapped arrays.
