@@ -27,11 +27,11 @@ edited by hand. The five scripts mark their exercises with two comment lines:
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
 The bundle holds the five scripts, LAB.md, README.md, the setup files (requirements,
-environment.yml, setup.sh, demo.sh, .gitignore), synthetic.py, pyproject.toml and the
-self-checks (tests/conftest.py, tests/test_lab.py); the teacher-side tests are left out.
-``--out DIR`` may exist: the files of the bundle are replaced and everything else in DIR (a
-student's data/ or runs/, say) is left alone. DIR must lie outside this folder. Two runs
-write identical trees.
+constraints.txt, environment.yml, setup.sh, demo.sh, .gitignore), synthetic.py,
+pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py); the
+teacher-side tests are left out. ``--out DIR`` may exist: the files of the bundle are
+replaced and everything else in DIR (a student's data/ or runs/, say) is left alone. DIR
+must lie outside this folder. Two runs write identical trees.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ COPIED_FILES: tuple[str, ...] = (
     "README.md",
     "requirements.txt",
     "requirements-dev.txt",
+    "constraints.txt",
     "environment.yml",
     "setup.sh",
     "demo.sh",

@@ -145,6 +145,13 @@ def test_the_bundles_hold_exactly_the_listed_files(bundles):
     assert not (bundles.student / "make_lab.py").exists()
 
 
+def test_the_setup_script_finds_its_files_in_the_bundle(bundles):
+    setup = (bundles.student / "setup.sh").read_text()
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        assert name in setup
+        assert (bundles.student / name).is_file()
+
+
 def test_every_python_file_of_the_bundles_parses(bundles):
     for folder in (bundles.student, bundles.solution):
         for path in folder.rglob("*.py"):
