@@ -788,12 +788,21 @@ def predict(args: argparse.Namespace) -> int:
 # Command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = HelpFormatter
 
     train_parser = commands.add_parser("train", help="train a model", formatter_class=defaults)
     train_parser.set_defaults(func=train)
@@ -880,7 +889,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="2D-3D-S root (default: $STANFORD2D3DS_ROOT, else the one the model trained on)",
     )
     add("--areas", nargs="+", default=None, help="areas to test (default: those not trained on)")
-    add("--out", default=None, help="folder for metrics.json and confusion_matrix.png")
+    add(
+        "--out",
+        default=None,
+        help="output folder (default: test-AREAS beside the model)",
+    )
     add("--save-predictions", action="store_true", help="also write colorized predictions")
     add(
         "--at-train-size",
