@@ -283,6 +283,14 @@ def png_damage(raw: bytes) -> str | None:
     return f"it ends after {len(raw)} bytes, before its IEND chunk (truncated file)"
 
 
+def size_mismatch(frame: Frame, image_size: tuple, semantic_size: tuple) -> str:
+    """The message for a frame whose rgb and semantic PNGs differ in (height, width)."""
+    return (
+        f"{frame.rgb_path} is {image_size} but {frame.semantic_path} is {semantic_size}: "
+        "rgb and semantic must have the same size"
+    )
+
+
 def read_png_bytes(path: Path) -> bytes:
     """The bytes of a PNG file whose chunks are whole; a DataError names what is wrong."""
     try:
@@ -380,10 +388,7 @@ class StanfordDataset(Dataset):
         image = read_png(frame.rgb_path)
         semantic = read_png(frame.semantic_path)
         if image.shape != semantic.shape:
-            raise DataError(
-                f"{frame.rgb_path} is {tuple(image.shape[1:])} but {frame.semantic_path} "
-                f"is {tuple(semantic.shape[1:])}: rgb and semantic must have the same size"
-            )
+            raise DataError(size_mismatch(frame, tuple(image.shape[1:]), tuple(semantic.shape[1:])))
         # >>> Q2: apply the transforms, then decode the labels
         if self.transforms is not None:
             image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))
@@ -1083,7 +1088,7 @@ def check_frame(frame: Frame) -> str | None:
     except DataError as error:
         return str(error)
     if image_size != semantic_size:
-        return f"{frame.rgb_path} is {image_size} but {frame.semantic_path} is {semantic_size}"
+        return size_mismatch(frame, image_size, semantic_size)
     return None
 
 
