@@ -10,8 +10,10 @@ speed-up over it:
 - loaders: a naive per-frame reference (PIL decode, int64 label map in numpy, PIL crop,
   resize and color jitter, numpy flip and normalization) against our raw-PNG path
   (data.StanfordDataset) and our pre-decoded cache (data.CachedDataset), both with
-  data.train_transforms (normalization happens later, on the device), through a DataLoader
-  with 0 and with --workers worker processes;
+  data.train_transforms (color jitter and normalization happen later, a batch at a time on
+  the device), through a DataLoader with 0 and with --workers worker processes;
+- that color jitter per frame: torchvision's ColorJitter on one frame against
+  data.jitter_colors on a batch on the device;
 - PNG and label decoding per frame; a metric update per batch against torchmetrics;
 - a training step and an inference step of the demo UNet and of the handout's UNet in
   float32, channels_last and autocast; the latency of the demo UNet on a full 1080x1080 frame.
@@ -42,6 +44,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_png
 
 import data
 import models
@@ -77,7 +80,8 @@ def naive_sample(
     frame: data.Frame, class_table: np.ndarray, img_size: int, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward per-frame pipeline: decode, label, random crop and resize, flip,
-    color jitter, normalize; the same augmentations as data.train_transforms.
+    color jitter, normalize; the augmentations of data.train_transforms and
+    data.jitter_colors.
 
     Returns `(3, S, S)` float32 normalized and `(S, S)` int64.
     """
@@ -217,12 +221,10 @@ def bench_loaders(
     transforms = data.train_transforms(img_size)
     paths = {
         "naive reference (PIL, int64 labels, numpy)": NaiveDataset(raw, img_size),
-        "raw PNG, data.StanfordDataset": data.StanfordDataset(raw.root, None, transforms),
-        "cache, data.CachedDataset": data.CachedDataset(cache_root, None, transforms),
-        # What is left when the color jitter, about half of the cached path, moves elsewhere.
-        "cache, crop and flip only (no color jitter)": data.CachedDataset(
-            cache_root, None, data.train_transforms(img_size, jitter=0.0)
+        f"raw PNG, data.StanfordDataset ({OUR_DECODER})": data.StanfordDataset(
+            raw.root, None, transforms
         ),
+        "cache, data.CachedDataset": data.CachedDataset(cache_root, None, transforms),
     }
     rows = []
     for num_workers in sorted({0, workers}):
@@ -236,49 +238,88 @@ def bench_loaders(
     return rows
 
 
+def bench_jitter(
+    batch_size: int, img_size: int, seconds: float, device: torch.device
+) -> list[dict]:
+    """Milliseconds per frame of the color jitter: torchvision's, one frame at a time as a
+    loader would, against data.jitter_colors on a whole batch on `device`."""
+    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8)
+    per_frame = T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
+    on_device = images.to(device)
+    cpu = torch.device("cpu")
+    frame_ms = 1000 * median_seconds(lambda: [per_frame(x) for x in images], cpu, seconds)
+    batch_ms = 1000 * median_seconds(lambda: data.jitter_colors(on_device, 0.2), device, seconds)
+    group = f"color jitter, {batch_size}x{img_size}x{img_size} batch"
+    frame_name = "torchvision ColorJitter, frame by frame (cpu)"
+    batch_name = f"data.jitter_colors, the whole batch ({device.type})"
+    return [
+        row(group, frame_name, None, frame_ms / batch_size, "frame"),
+        row(group, batch_name, None, batch_ms / batch_size, "frame"),
+    ]
+
+
+def pil_decode(path: Path) -> np.ndarray:
+    """PIL: `(H, W, 3)` uint8."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def torchvision_decode(path: Path) -> torch.Tensor:
+    """torchvision.io.decode_png: `(3, H, W)` uint8."""
+    encoded = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    return decode_png(encoded, ImageReadMode.RGB)
+
+
+def spng_decode(path: Path) -> np.ndarray:
+    """pyspng (libspng): `(H, W, 3)` uint8."""
+    return data.pyspng.load(path.read_bytes(), "RGB")
+
+
+# The decoder of data.read_png, which skips pyspng when it is not installed.
+OUR_DECODER = "pyspng" if data.pyspng is not None else "torchvision.io.decode_png"
+
+
+def png_decoders() -> dict[str, Callable[[Path], object]]:
+    """The PNG decoders available here, by name, each `path -> pixels`."""
+    decoders = {"PIL": pil_decode, "torchvision.io.decode_png": torchvision_decode}
+    if data.pyspng is not None:
+        decoders["pyspng"] = spng_decode
+    return decoders
+
+
 def bench_decoding(
     raw: data.StanfordDataset, img_size: int, max_frames: int, repeats: int
 ) -> list[dict]:
     """Milliseconds per frame to decode the PNGs and to turn semantic colors into classes."""
     frames = raw.frames[:max_frames]
+    rows = []
+    for kind in ("RGB", "semantic"):
+        paths = [frame.rgb_path if kind == "RGB" else frame.semantic_path for frame in frames]
+        for name, decode in png_decoders().items():
+            label = f"{name} (ours)" if name == OUR_DECODER else name
+            ms = per_frame_ms(decode, paths, repeats)
+            rows.append(row(f"decode the {kind} PNG", label, None, ms, "frame"))
+
     class_table = naive_class_table(raw.root / data.LABELS_FILE)
-    table = raw.label_table
-
-    def pil_decode(path: Path) -> np.ndarray:
-        return np.asarray(Image.open(path).convert("RGB"))
-
     semantic_arrays = [pil_decode(frame.semantic_path) for frame in frames]
     semantic_tensors = [data.read_png(frame.semantic_path) for frame in frames]
     resize = T.Resize((img_size, img_size), interpolation=T.InterpolationMode.NEAREST)
     resized = [resize(tv_tensors.Mask(s)).as_subclass(torch.Tensor) for s in semantic_tensors]
     size = semantic_tensors[0].shape[-1]
+    group = "semantic colors -> class ids"
     timings = [
-        ("decode the RGB PNG", "PIL", lambda f: pil_decode(f.rgb_path), frames),
-        ("", "torchvision.io.decode_png (ours)", lambda f: data.read_png(f.rgb_path), frames),
-        ("decode the semantic PNG", "PIL", lambda f: pil_decode(f.semantic_path), frames),
-        ("", "torchvision.io.decode_png (ours)", lambda f: data.read_png(f.semantic_path), frames),
+        (f"int64 numpy, {size}px", lambda s: naive_classes(s, class_table), semantic_arrays),
         (
-            "semantic colors -> class ids",
-            f"int64 numpy, {size}px",
-            lambda s: naive_classes(s, class_table),
-            semantic_arrays,
-        ),
-        (
-            "",
             f"uint8 table, {size}px (data.decode_semantic)",
-            lambda s: data.decode_semantic(s, table),
+            lambda s: data.decode_semantic(s, raw.label_table),
             semantic_tensors,
         ),
         (
-            "",
             f"uint8 table after the resize to {img_size}px (our raw path)",
-            lambda s: data.decode_semantic(s, table),
+            lambda s: data.decode_semantic(s, raw.label_table),
             resized,
         ),
     ]
-    rows, group = [], ""
-    for group_name, name, function, inputs in timings:
-        group = group_name or group
+    for name, function, inputs in timings:
         rows.append(row(group, name, None, per_frame_ms(function, inputs, repeats), "frame"))
     return rows
 
@@ -404,11 +445,28 @@ def same_samples(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ..
     return all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def same_pixels(path: Path, decoders) -> bool:
+    """Do all `decoders` and data.read_png give the same pixels for the PNG at `path`?"""
+    ours = data.read_png(path)
+    for decode in decoders:
+        pixels = torch.as_tensor(decode(path))
+        if pixels.shape[-1] == 3:  # (H, W, 3) -> (3, H, W)
+            pixels = pixels.permute(2, 0, 1)
+        if not torch.equal(pixels, ours):
+            return False
+    return True
+
+
 def check_samples(
     raw: data.StanfordDataset, cache_root: Path, img_size: int, max_frames: int
 ) -> list[tuple[str, bool]]:
     """(what, equal?) for the claims the fast paths rely on, over the first `max_frames`."""
     indices = range(min(len(raw), max_frames))
+    decoders_equal = all(
+        same_pixels(path, png_decoders().values())
+        for frame in raw.frames[: len(indices)]
+        for path in (frame.rgb_path, frame.semantic_path)
+    )
     class_table = naive_class_table(raw.root / data.LABELS_FILE)
     labels_equal = all(
         np.array_equal(raw.label_mask(i).numpy(), naive_label_map(frame.semantic_path, class_table))
@@ -436,7 +494,12 @@ def check_samples(
     cached = data.CachedDataset(cache_root)
     raw_eval = data.StanfordDataset(raw.root, None, data.eval_transforms(cached.size))
     cache_equal = all(same_samples(cached[i], raw_eval[i]) for i in range(len(cached)))
+    decoder_names = ", ".join(png_decoders())
     return [
+        (
+            f"PNG pixels: data.read_png == {decoder_names} ({2 * len(indices)} files)",
+            decoders_equal,
+        ),
         (f"uint8-table labels == naive int64 labels ({len(indices)} full frames)", labels_equal),
         (
             f"raw path {img_size}px train samples == labels decoded before the crop "
@@ -574,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_loaders(
             raw, cache_root, args.img_size, args.batch_size, args.workers, *loader_timing
         )
+        rows += bench_jitter(args.batch_size, args.img_size, loader_timing[0], device)
         rows += bench_decoding(raw, args.img_size, num_frames, 1 if args.quick else 3)
         print("checking samples", file=sys.stderr, flush=True)
         checks = check_samples(raw, cache_root, args.img_size, max_frames=8)

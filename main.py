@@ -256,7 +256,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main_process())
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
+        images = data.jitter_colors(images, args.jitter)
         images = data.normalize(images).contiguous(memory_format=memory_format)
 
         with autocast_context(device, args.amp):
@@ -320,14 +321,14 @@ def evaluate(
 
     With `full_resolution`, the masks are larger than the images and the logits are
     upsampled to the mask size before the argmax. `on_batch(images, targets, predictions)`
-    sees every batch (uint8 images, int64 class ids).
+    sees every batch on the device (uint8 images, int64 class ids).
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     confusion = metrics.ConfusionMatrix(data.NUM_CLASSES, data.IGNORE_INDEX)
     for images, targets in tqdm(loader, desc="evaluate", disable=not is_main_process()):
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
         inputs = data.normalize(images).contiguous(memory_format=memory_format)
         with autocast_context(device, amp):
             logits = model(inputs)
@@ -402,7 +403,8 @@ def plain_args(args: argparse.Namespace) -> dict:
 def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
     """A resumed run keeps its configuration; only where to read data and how to run may
     change (datadir, device, workers)."""
-    restored = argparse.Namespace(**checkpoint["args"])
+    # An option the checkpoint predates takes its value from this command line.
+    restored = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
     for key in ("resume", "device", "stop_after", "func"):
         setattr(restored, key, getattr(args, key))
     restored.datadir = args.datadir or restored.datadir
@@ -797,6 +799,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def jitter_strength(text: str) -> float:
+    """argparse type of --jitter: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 0 up to (not including) 1, got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -841,6 +856,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup-steps", type=int, default=100, help="linear warmup steps")
     add("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     add("--img-size", type=int, default=256, help="training crops are IMG_SIZE x IMG_SIZE")
+    add(
+        "--jitter",
+        type=jitter_strength,
+        default=0.2,
+        help="color jitter: brightness, contrast and saturation vary by up to this (0: off)",
+    )
     add("--subset", type=int, default=None, help="use only N frames (spread over the data)")
     add(
         "--workers",

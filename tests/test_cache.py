@@ -67,9 +67,9 @@ def test_cached_samples_equal_raw_samples_resized_for_evaluation(synthetic_root,
         image, mask = cached[index]
         expected_image, expected_mask = raw[index]
         assert image.shape == (3, CACHE_SIZE, CACHE_SIZE) and image.dtype == torch.uint8
-        assert mask.shape == (CACHE_SIZE, CACHE_SIZE) and mask.dtype == torch.int64
+        assert mask.shape == (CACHE_SIZE, CACHE_SIZE) and mask.dtype == torch.uint8
         assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask)
-        assert torch.equal(cached.label_mask(index).long(), mask)
+        assert torch.equal(cached.label_mask(index), mask)
     assert cached.bad_paths() == []
 
 
@@ -82,7 +82,7 @@ def test_get_datasets_on_a_cache_matches_the_raw_splits(synthetic_root, cache_ro
     assert isinstance(train_set.dataset, data.CachedDataset)
     assert (len(train_set), len(val_set)) == (12, 6)
     image, mask = train_set[0]
-    assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.int64
+    assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.uint8
     # Held-out rooms: the same frames as from the raw tree.
     cached_split = data.get_datasets(cache_root, ["1", "2"], img_size=CACHE_SIZE)
     raw_split = data.get_datasets(synthetic_root, ["1", "2"], img_size=CACHE_SIZE)
@@ -112,14 +112,14 @@ def test_train_transforms_on_a_cache_keep_image_and_mask_aligned(tmp_path):
     root = write_stripes_tree(tmp_path / "stripes")
     out = tmp_path / "cache"
     data.write_cache(root, out, 48, progress=False)
-    dataset = data.CachedDataset(out, transforms=data.train_transforms(32, jitter=0.0))
+    dataset = data.CachedDataset(out, transforms=data.train_transforms(32))
     torch.manual_seed(0)
     flipped = 0
     for _ in range(4):
         for index in range(len(dataset)):
             image, mask = dataset[index]
             assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
-            assert mask.shape == (32, 32) and mask.dtype == torch.int64
+            assert mask.shape == (32, 32) and mask.dtype == torch.uint8
             class_from_color = (image[0].float() / 18).round().long()
             # Bilinear resizing blends colors across stripe borders only.
             assert (class_from_color == mask).float().mean() > 0.7

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from conftest import REAL_LABELS
 from PIL import Image
+from torchvision import tv_tensors
 
 import data
 import synthetic
@@ -62,9 +64,9 @@ def test_dataset_sample_types_and_values(tmp_path):
     dataset = data.StanfordDataset(make_tree(tmp_path), areas=["1"])
     image, mask = dataset[1]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
-    assert mask.shape == (32, 32) and mask.dtype == torch.int64
+    assert mask.shape == (32, 32) and mask.dtype == torch.uint8
     expected = (torch.arange(32)[None, :] // 4 + 1) % data.NUM_CLASSES
-    assert torch.equal(mask, expected.expand(32, 32))
+    assert torch.equal(mask, expected.expand(32, 32).to(torch.uint8))
     assert dataset.frames[1].area == "1" and dataset.frames[1].room == "office_2"
 
 
@@ -120,6 +122,23 @@ def test_truncated_png_is_named(tmp_path):
         dataset[0]
 
 
+@pytest.mark.parametrize("decoder", ["pyspng", "torchvision"])
+def test_read_png_gives_pil_pixels_in_every_png_flavour(tmp_path, monkeypatch, decoder):
+    if decoder == "pyspng" and data.pyspng is None:
+        pytest.skip("pyspng has no wheel for this platform; data.py decodes with torchvision")
+    if decoder == "torchvision":
+        monkeypatch.setattr(data, "pyspng", None)
+    rng = np.random.default_rng(0)
+    colors = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    for mode in ("RGB", "RGBA", "L", "P"):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(colors).convert(mode).save(path)
+        pixels = data.read_png(path)
+        expected = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 30, 20), mode
+        assert np.array_equal(pixels.numpy(), expected), mode
+
+
 def test_size_mismatch_is_named(tmp_path):
     root = make_tree(tmp_path)
     dataset = data.StanfordDataset(root)
@@ -143,8 +162,7 @@ def class_from_rgb(image: torch.Tensor) -> torch.Tensor:
 
 def test_train_transforms_keep_image_and_mask_aligned(tmp_path):
     root = make_tree(tmp_path, size=64)
-    # No color jitter, so that the class can be read back from the transformed pixels.
-    transforms = data.train_transforms(96, scale=(0.2, 1.0), jitter=0.0)
+    transforms = data.train_transforms(96, scale=(0.2, 1.0))
     dataset = data.StanfordDataset(root, transforms=transforms)
     torch.manual_seed(0)
     flips = 0
@@ -160,18 +178,52 @@ def test_train_transforms_keep_image_and_mask_aligned(tmp_path):
         agreement = (class_from_rgb(image) == mask)[inside].float().mean().item()
         assert inside.float().mean() > 0.3 and agreement > 0.99
         # Stripes grow left to right (mod 14); after a flip they mostly decrease.
-        steps = torch.diff(mask[0])
+        steps = torch.diff(mask[0].long())
         flips += int((steps < 0).sum() > (steps > 0).sum())
     assert 0 < flips < 20
 
 
-def test_color_jitter_leaves_the_mask_alone(tmp_path):
-    dataset = data.StanfordDataset(make_tree(tmp_path), transforms=data.train_transforms(32))
-    plain = data.StanfordDataset(dataset.root)
-    for index in range(len(dataset)):
-        torch.manual_seed(index)
-        _, mask = dataset[index]
-        assert set(mask.unique().tolist()) <= set(plain[index][1].unique().tolist())
+def test_train_transforms_leave_the_colors_alone():
+    image = torch.empty(3, 40, 50, dtype=torch.uint8)
+    image[0], image[1], image[2] = 100, 120, 140
+    mask = torch.full((40, 50), 3, dtype=torch.uint8)
+    transforms = data.train_transforms(32)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out_image, out_mask = transforms(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert torch.equal(out_image, image[:, :32, :32]) and bool((out_mask == 3).all())
+
+
+def test_jitter_colors_matches_torchvision_step_by_step():
+    images = torch.randint(0, 256, (4, 3, 12, 10), dtype=torch.uint8)
+    images[1] = 128  # a gray image: brightness and contrast only
+    strength = 0.5
+    torch.manual_seed(3)
+    jittered = data.jitter_colors(images, strength)
+    torch.manual_seed(3)  # the same draw: three factors per image
+    factors = 1 + strength * (2 * torch.rand(3, len(images)) - 1)
+    assert jittered.shape == images.shape and jittered.dtype == torch.uint8
+    for index, image in enumerate(images.float() / 255):
+        brightness, contrast, saturation = factors[:, index].tolist()
+        expected = TF.adjust_brightness(image, brightness)
+        expected = TF.adjust_contrast(expected, contrast)
+        expected = TF.adjust_saturation(expected, saturation)
+        # torchvision weighs the gray picture with 0.2989 instead of 0.299
+        difference = (jittered[index].float() - expected * 255).abs().max().item()
+        assert difference <= 1.0, (index, difference)
+    assert len({tuple(image.flatten().tolist()) for image in jittered}) == len(images)
+
+
+def test_jitter_colors_keeps_gray_gray_and_zero_strength_is_identity():
+    gray = torch.full((8, 3, 5, 5), 90, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = data.jitter_colors(gray, 0.4)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+    assert out.float().std(dim=0).max() > 0, "each image draws its own brightness"
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert data.jitter_colors(images, 0.0) is images
+    saturated = torch.full((2, 3, 4, 4), 250, dtype=torch.uint8)
+    assert data.jitter_colors(saturated, 0.9).min() >= 25, "values clip at 255, never wrap"
 
 
 def test_eval_transforms_are_deterministic(synthetic_root):
@@ -208,7 +260,7 @@ def test_dataloader_batches(synthetic_root):
     )
     images, masks = next(iter(train_loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
-    assert masks.shape == (4, 32, 32) and masks.dtype == torch.int64
+    assert masks.shape == (4, 32, 32) and masks.dtype == torch.uint8
     assert masks.min() >= 0 and masks.max() < data.NUM_CLASSES
     assert len(train_loader) == 12 // 4  # drop_last
     assert sum(len(batch[0]) for batch in val_loader) == 6
@@ -258,7 +310,7 @@ def test_synthetic_histogram_and_show_commands(tmp_path, capsys):
     assert "sofa" in [data.CLASSES[i] for i in order[-2:]]
     picture = tmp_path / "sample.png"
     assert data.main(["show", "--datadir", str(root), "--areas", "2", "--out", str(picture)]) == 0
-    assert "mask    shape (96, 96) dtype torch.int64" in capsys.readouterr().out
+    assert "mask    shape (96, 96) dtype torch.uint8" in capsys.readouterr().out
     with Image.open(picture) as image:
         assert image.size[0] > 300
 

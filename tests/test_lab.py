@@ -156,13 +156,13 @@ def test_q02_a_sample_is_an_image_and_its_class_ids(synthetic_root):
     expect(isinstance(sample, tuple) and len(sample) == 2, "a sample should be (image, mask)")
     image, mask = sample
     expect_tensor(image, (3, 64, 64), torch.uint8, "the image of a 64x64 frame")
-    expect_tensor(mask, (64, 64), torch.int64, "the mask of a 64x64 frame")
+    expect_tensor(mask, (64, 64), torch.uint8, "the mask of a 64x64 frame")
     expect(
         torch.equal(image, data.read_png(dataset.frames[0].rgb_path)),
         "without transforms the image should be the rgb PNG as it is",
     )
     expect(
-        torch.equal(mask, dataset.label_mask(0).long()),
+        torch.equal(mask, dataset.label_mask(0)),
         "without transforms the mask should be the decoded semantic PNG",
     )
 
@@ -176,12 +176,12 @@ def test_q02_transforms_move_image_and_mask_together(synthetic_root):
     expect_tensor(
         mask,
         (32, 32),
-        torch.int64,
+        torch.uint8,
         "the mask after a resize to 32 (wrap it in tv_tensors.Mask so the transform sees it)",
     )
     plain = data.StanfordDataset(synthetic_root, ["1"])
     expected_image = flip_and_shrink(tv_tensors.Image(data.read_png(plain.frames[0].rgb_path)))
-    expected_mask = flip_and_shrink(tv_tensors.Mask(plain.label_mask(0))).long()
+    expected_mask = flip_and_shrink(tv_tensors.Mask(plain.label_mask(0)))
     expect(
         torch.equal(image, expected_image.as_subclass(torch.Tensor)),
         "the image should be flipped and resized by the transforms",
@@ -202,7 +202,7 @@ def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, c
     args = ["show", "--datadir", str(synthetic_root), "--areas", "1", "--out", str(picture)]
     expect(data.main(args) == 0, "python data.py show should succeed")
     printed = capsys.readouterr().out
-    for expected in ("(3, 64, 64)", "torch.uint8", "(64, 64)", "torch.int64"):
+    for expected in ("(3, 64, 64)", "(64, 64)", "torch.uint8"):
         expect(expected in printed, f"data.py show should print {expected}, it printed:\n{printed}")
     expect(picture.is_file(), f"data.py show should write {picture}")
 
@@ -227,7 +227,7 @@ def test_q03_histogram_counts_every_pixel(synthetic_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# Q4: train_transforms
+# Q4: train_transforms and jitter_colors
 
 STRIPE = 8  # pixels per stripe of the test pattern
 
@@ -261,7 +261,7 @@ def test_q04_crops_have_the_requested_size():
 @self_check
 def test_q04_image_and_mask_stay_aligned():
     image, mask = striped_pair()
-    transform = data.train_transforms(64, jitter=0.0)
+    transform = data.train_transforms(64)
     for seed in range(8):
         torch.manual_seed(seed)
         out_image, out_mask = apply(transform, image, mask)
@@ -297,7 +297,7 @@ def test_q04_masks_are_resized_without_blending():
 @self_check
 def test_q04_crops_and_flips_are_random():
     image, mask = striped_pair()
-    transform = data.train_transforms(32, jitter=0.0)
+    transform = data.train_transforms(32)
     crops, flips = set(), 0
     for seed in range(16):
         torch.manual_seed(seed)
@@ -310,25 +310,97 @@ def test_q04_crops_and_flips_are_random():
 
 
 @self_check
-def test_q04_color_jitter_changes_the_image_only():
+def test_q04_crops_keep_the_colors():
     image = torch.empty(3, 40, 40, dtype=torch.uint8)
     image[0], image[1], image[2] = 100, 120, 140
     mask = torch.full((40, 40), 3, dtype=torch.uint8)
-    plain = data.train_transforms(32, jitter=0.0)
     torch.manual_seed(0)
-    out_image, _ = apply(plain, image, mask)
+    out_image, out_mask = apply(data.train_transforms(32), image, mask)
     expect(
-        torch.equal(out_image, image[:, :32, :32]),
-        "with jitter=0.0 a plain-colored image should keep its color",
+        torch.equal(out_image, image[:, :32, :32]) and bool((out_mask == 3).all()),
+        "a crop of a plain-colored frame should keep its color: train_transforms does the "
+        "geometric steps only, jitter_colors the colors",
     )
-    jittered = data.train_transforms(32, jitter=0.4)
-    changed = 0
-    for seed in range(4):
-        torch.manual_seed(seed)
-        out_image, out_mask = apply(jittered, image, mask)
-        changed += int(not torch.equal(out_image, image[:, :32, :32]))
-        expect(bool((out_mask == 3).all()), "the color jitter must leave the mask alone")
-    expect(changed > 0, "with jitter=0.4 the colors never changed: add a T.ColorJitter")
+
+
+@self_check
+def test_q04_jitter_colors_keeps_shape_dtype_and_gray():
+    images = torch.full((6, 3, 8, 8), 100, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = data.jitter_colors(images, 0.4)
+    expect_tensor(out, (6, 3, 8, 8), torch.uint8, "jitter_colors of a (6, 3, 8, 8) uint8 batch")
+    expect(
+        torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2]),
+        "a gray image must stay gray: brightness, contrast and saturation never tint",
+    )
+    levels = {int(value) for value in out[:, 0, 0, 0]}
+    expect(
+        len(levels) > 1,
+        f"all 6 gray images came out at level {levels}: each image draws its own factors",
+    )
+    expect(
+        any(level < 100 for level in levels) and any(level > 100 for level in levels),
+        f"brightness should go both ways from 100 with strength 0.4, got levels {sorted(levels)}",
+    )
+
+
+@self_check
+def test_q04_jitter_colors_clips_instead_of_wrapping():
+    bright = torch.full((4, 3, 4, 4), 250, dtype=torch.uint8)
+    torch.manual_seed(1)
+    out = data.jitter_colors(bright, 0.5)
+    expect(
+        int(out.min()) >= 100,
+        f"250 scaled by up to 1.5 must clip at 255, not wrap around; got {int(out.min())}",
+    )
+
+
+def two_tone(left: tuple[int, int, int], right: tuple[int, int, int]) -> torch.Tensor:
+    """16 images (16, 3, 4, 8) uint8: the left half of color `left`, the right of `right`."""
+    images = torch.empty(16, 3, 4, 8, dtype=torch.uint8)
+    images[..., :4] = torch.tensor(left, dtype=torch.uint8).view(1, 3, 1, 1)
+    images[..., 4:] = torch.tensor(right, dtype=torch.uint8).view(1, 3, 1, 1)
+    return images
+
+
+def luma(pixels: torch.Tensor) -> torch.Tensor:
+    """Gray level of `(..., 3)` colors."""
+    return pixels @ torch.tensor([0.299, 0.587, 0.114])
+
+
+@self_check
+def test_q04_jitter_colors_changes_the_contrast():
+    images = two_tone((40, 40, 40), (120, 120, 120))
+    torch.manual_seed(2)
+    out = data.jitter_colors(images, 0.2).float()
+    dark, light = out[:, 0, 0, 0], out[:, 0, 0, -1]
+    # Brightness scales both tones alike; contrast pulls them towards (or pushes them away
+    # from) their mean: only contrast changes (light - dark) / (light + dark).
+    contrast = ((light - dark) / (light + dark)) / ((120 - 40) / (120 + 40))
+    expect(
+        (contrast - 1).abs().max() > 0.1,
+        "the contrast of a two-tone image never changed: jitter the contrast too",
+    )
+
+
+@self_check
+def test_q04_jitter_colors_changes_the_saturation():
+    gray_color, red_color = (20, 20, 20), (150, 50, 50)
+    torch.manual_seed(3)
+    out = data.jitter_colors(two_tone(gray_color, red_color), 0.2).float()
+    gray, red = out[:, :, 0, 0], out[:, :, 0, -1]  # (16, 3) each
+    # Brightness and contrast scale colorfulness (red - green) and gray-level differences
+    # by the same factor; saturation scales colorfulness alone.
+    colorfulness = (red[:, 0] - red[:, 1]) / (red_color[0] - red_color[1])
+    gray_levels = (luma(red) - luma(gray)) / (
+        luma(torch.tensor(red_color).float()) - luma(torch.tensor(gray_color).float())
+    )
+    saturation = colorfulness / gray_levels
+    expect(
+        (saturation - 1).abs().max() > 0.1,
+        "the colorfulness of a red image never changed beyond brightness and contrast: "
+        "jitter the saturation too",
+    )
 
 
 # ----------------------------------------------------------------------------------------

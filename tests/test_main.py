@@ -132,6 +132,15 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path):
     assert lines == [1, 2, 3]
 
 
+def test_resume_takes_options_the_checkpoint_predates_from_the_command_line():
+    args = main.build_parser().parse_args(["train", "--jitter", "0.3", "--workers", "1"])
+    args.resume = "runs/old/last.pt"
+    saved = {**vars(main.build_parser().parse_args(["train", "--lr", "0.01"]))}
+    del saved["func"], saved["jitter"]
+    restored = main.restore_args(args, {"args": saved})
+    assert restored.jitter == 0.3 and restored.lr == 0.01 and restored.workers == 1
+
+
 def test_resume_of_a_finished_run_says_so(trained_run, capsys):
     assert main.main(["train", "--resume", str(trained_run / "last.pt")]) == 0
     assert "finished" in capsys.readouterr().out
@@ -185,6 +194,8 @@ def test_checkpoint_of_another_class_count_is_refused(trained_run, tmp_path):
         (["--areas", "9"], "area '9' not found"),
         (["--model", "resnet"], "invalid choice: 'resnet'"),
         (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--jitter", "1.5"], "argument --jitter: expected a number from 0 up to"),
+        (["--jitter", "much"], "argument --jitter: expected a number from 0 up to"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line(synthetic_root, tmp_path, args, message):
