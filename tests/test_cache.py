@@ -286,3 +286,17 @@ def test_benchmark_reference_labels_equal_ours(synthetic_root):
     for index, frame in enumerate(dataset.frames):
         naive = bench.naive_label_map(frame.semantic_path, class_table)
         assert np.array_equal(naive, dataset.label_mask(index).numpy())
+
+
+def test_benchmark_equality_checks_hold_on_the_synthetic_tree(synthetic_root, cache_root):
+    raw = data.StanfordDataset(synthetic_root)
+    checks = bench.check_samples(raw, cache_root, img_size=24, max_frames=4)
+    assert len(checks) == 4
+    assert [claim for claim, holds in checks if not holds] == []
+
+
+def test_benchmark_naive_samples_have_the_training_shapes(synthetic_root):
+    naive = bench.NaiveDataset(data.StanfordDataset(synthetic_root, ["1"]), img_size=24)
+    image, mask = naive[0]
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32
+    assert mask.shape == (24, 24) and mask.max() < data.NUM_CLASSES
