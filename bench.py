@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_png
 
 import data
+import metrics
 import models
 
 # (name, num_blocks, base_chan, img_size) of the two UNets of the project.
@@ -161,28 +161,6 @@ def loader_frames_per_second(
     return frames / elapsed
 
 
-def median_seconds(
-    step: Callable[[], object], device: torch.device, seconds: float, max_runs: int = 50
-) -> float:
-    """Median wall time of `step()` after one warm-up call: at least one timed run, more
-    until `seconds` have passed or `max_runs` are done."""
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    timed()
-    times = [timed()]
-    while sum(times) < seconds and len(times) < max_runs:
-        times.append(timed())
-    return statistics.median(times)
-
-
 def per_frame_ms(function: Callable, inputs: list, repeats: int = 1) -> float:
     """Milliseconds of `function(x)` per input: the best of `repeats` passes over `inputs`,
     after one warm-up call."""
@@ -247,8 +225,10 @@ def bench_jitter(
     per_frame = T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
     on_device = images.to(device)
     cpu = torch.device("cpu")
-    frame_ms = 1000 * median_seconds(lambda: [per_frame(x) for x in images], cpu, seconds)
-    batch_ms = 1000 * median_seconds(lambda: data.jitter_colors(on_device, 0.2), device, seconds)
+    frame_ms = 1000 * metrics.median_seconds(lambda: [per_frame(x) for x in images], cpu, seconds)
+    batch_ms = 1000 * metrics.median_seconds(
+        lambda: data.jitter_colors(on_device, 0.2), device, seconds
+    )
     group = f"color jitter, {batch_size}x{img_size}x{img_size} batch"
     frame_name = "torchvision ColorJitter, frame by frame (cpu)"
     batch_name = f"data.jitter_colors, the whole batch ({device.type})"
@@ -326,8 +306,6 @@ def bench_decoding(
 
 def bench_metrics(batch_size: int, size: int, repeats: int, device: torch.device) -> list[dict]:
     """Milliseconds per update of our confusion matrix and of torchmetrics' Jaccard index."""
-    import metrics
-
     group = f"metric update, {batch_size}x{size}x{size} batch"
     results = metrics.benchmark_update(batch_size, size, repeats, device=str(device))
     # torchmetrics first: it is the reference of the group.
@@ -390,7 +368,9 @@ def unet_step_seconds(
         with torch.inference_mode(), autocast(device, dtype):
             model(images)
 
-    return median_seconds(train_step if train else inference_step, device, seconds, max_runs)
+    return metrics.median_seconds(
+        train_step if train else inference_step, device, seconds, max_runs
+    )
 
 
 def bench_model(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -628,7 +629,10 @@ def get_datasets(
         train_indices = list(range(len(train_set)))
         val_indices = list(range(len(val_set)))
     else:
-        val_set = open_dataset(root, train_areas, eval_transforms(img_size), skip_bad, img_size)
+        # The same frames with other transforms: listed (and warned about) once, and a
+        # frame found broken in one split is known broken in the other.
+        val_set = copy.copy(train_set)
+        val_set.transforms = eval_transforms(img_size)
         train_indices, val_indices = split_by_room(train_set.frames, val_fraction, seed)
     overlap = {train_set.frames[i].rgb_path for i in train_indices} & {
         val_set.frames[i].rgb_path for i in val_indices
@@ -1136,29 +1140,27 @@ def check_frame(frame: Frame) -> str | None:
     return None
 
 
+def missing_rgb_files(root: Path, areas: list[str] | None) -> list[Path]:
+    """The rgb files that the semantic files of the given areas lack."""
+    missing = []
+    for area in resolve_areas(root, areas):
+        semantic_dir = root / f"area_{area}" / "data" / "semantic"
+        for semantic_path in sorted(semantic_dir.glob(f"*{SEMANTIC_SUFFIX}")):
+            name = semantic_path.name.removesuffix(SEMANTIC_SUFFIX)
+            rgb_path = semantic_dir.parent / "rgb" / f"{name}{RGB_SUFFIX}"
+            if not rgb_path.is_file():
+                missing.append(rgb_path)
+    return missing
+
+
 def command_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     root = Path(args.datadir)
-    problems: list[str] = []
-    frames: list[Frame] = []
     load_label_table(root / LABELS_FILE)
-    for area in resolve_areas(root, args.areas):
-        rgb_dir = root / f"area_{area}" / "data" / "rgb"
-        semantic_dir = rgb_dir.parent / "semantic"
-        rgb_names = {p.name.removesuffix(RGB_SUFFIX) for p in rgb_dir.glob(f"*{RGB_SUFFIX}")}
-        semantic_names = {
-            p.name.removesuffix(SEMANTIC_SUFFIX) for p in semantic_dir.glob(f"*{SEMANTIC_SUFFIX}")
-        }
-        for name in sorted(rgb_names - semantic_names):
-            problems.append(f"{semantic_dir / (name + SEMANTIC_SUFFIX)} is missing")
-        for name in sorted(semantic_names - rgb_names):
-            problems.append(f"{rgb_dir / (name + RGB_SUFFIX)} is missing")
-        for name in sorted(rgb_names & semantic_names):
-            rgb_path = rgb_dir / f"{name}{RGB_SUFFIX}"
-            frames.append(
-                Frame(area, "", name, rgb_path, semantic_dir / f"{name}{SEMANTIC_SUFFIX}")
-            )
+    frames, unlabelled = find_frames(root, args.areas)
+    problems = [f"{frame.semantic_path} is missing" for frame in unlabelled]
+    problems += [f"{path} is missing" for path in missing_rgb_files(root, args.areas)]
     for frame in tqdm(frames, desc="check"):
         problem = check_frame(frame)
         if problem:

@@ -571,18 +571,29 @@ def class_weights_from_frequencies(
 # --------------------------------------------------------------------------------------------
 
 
-def _median_seconds(step: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of step() over repeats runs, after one warm-up run."""
-    step()
-    times = []
-    for _ in range(repeats):
+def median_seconds(
+    step: Callable[[], object],
+    device: torch.device,
+    seconds: float = math.inf,
+    max_runs: int = 20,
+) -> float:
+    """Median wall time of `step()` after one warm-up call: at least one timed run, more
+    until `seconds` have passed or `max_runs` are done. On CUDA the clock waits for the
+    device, whose work is otherwise only queued."""
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    timed()
+    times = [timed()]
+    while sum(times) < seconds and len(times) < max_runs:
+        times.append(timed())
     return statistics.median(times)
 
 
@@ -624,7 +635,8 @@ def benchmark_update(
 
     rows: list[dict[str, float | str]] = []
     for name, step in candidates:
-        rows.append({"name": name, "ms": 1000 * _median_seconds(step, repeats, torch_device)})
+        ms = 1000 * median_seconds(step, torch_device, max_runs=repeats)
+        rows.append({"name": name, "ms": ms})
     for row in rows:
         row["ratio"] = row["ms"] / rows[0]["ms"]
     return rows

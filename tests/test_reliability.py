@@ -337,6 +337,8 @@ def test_check_lists_every_bad_file_and_fails(root_copy):
     missing.unlink()
     mismatched = frame_files(root_copy, "5a", "semantic")[4]
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(mismatched)
+    unpaired = frame_files(root_copy, "1", "rgb")[5]  # its semantic file stays
+    unpaired.unlink()
 
     result = subprocess.run(
         [sys.executable, "data.py", "check", "--datadir", str(root_copy)],
@@ -345,10 +347,11 @@ def test_check_lists_every_bad_file_and_fails(root_copy):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     report = result.stdout.splitlines()
-    for path in (truncated, garbled, zeroed, missing, mismatched):
+    for path in (truncated, garbled, zeroed, missing, mismatched, unpaired):
         assert sum(path.name in line for line in report) == 1, path.name
     assert any("truncated" in line for line in report if truncated.name in line)
-    assert "checked 17 frames: 5 problem(s)" in report[-1]
+    assert f"{unpaired} is missing" in report
+    assert "checked 16 frames: 6 problem(s)" in report[-1]
 
 
 GARBLED_NEEDS_PYSPNG = pytest.mark.skipif(
@@ -404,6 +407,18 @@ def test_skip_bad_leaves_out_broken_and_unlabelled_frames_and_reports_them(
         assert f"  {path}\n" in report
     checkpoint = torch.load(tmp_path / "lenient/last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 11
+
+
+def test_skip_bad_without_val_areas_warns_once_and_shares_what_it_found(root_copy, capsys):
+    missing_semantic = frame_files(root_copy, "2", "semantic")[3]
+    missing_semantic.unlink()
+    train_set, val_set = data.get_datasets(root_copy, ["1", "2"], img_size=16, skip_bad=True)
+    assert capsys.readouterr().err.count(str(missing_semantic)) == 1
+    broken = train_set.dataset.frames[val_set.indices[0]].rgb_path
+    truncate(broken)
+    val_set[0]  # replaced by the next readable frame, and flagged
+    assert train_set.dataset.bad_paths() == val_set.dataset.bad_paths()
+    assert val_set.dataset.bad_paths() == [missing_semantic, broken]
 
 
 # ----------------------------------------------------------------------------------------
