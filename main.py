@@ -416,13 +416,15 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     """The run's folder (rank 0 creates it). A new run never overwrites an older one; a
     resumed run continues in the folder of its checkpoint, even if that folder moved."""
     run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
-    if not is_main_process():
-        return run_dir
+    # Every process checks, so that under torchrun all of them stop with this message
+    # instead of the others failing later on a connection that rank 0 closed.
     if not args.resume and (run_dir / "last.pt").exists():
         raise CheckpointError(
             f"{run_dir} already holds a run: continue it with --resume {run_dir}/last.pt "
             "or choose another --name"
         )
+    if not is_main_process():
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # A run killed while saving leaves the temporary file of that checkpoint behind.
     for leftover in run_dir.glob(".*.pt.*.tmp"):

@@ -257,3 +257,20 @@ def test_torchrun_two_processes_train_and_test_exactly(synthetic_root, tmp_path)
     assert scores["ddp"]["frames"] == scores["single"]["frames"] == 5
     assert scores["ddp"]["confusion_matrix"] == scores["single"]["confusion_matrix"]
     assert scores["ddp"]["miou"] == scores["single"]["miou"]
+
+
+def test_torchrun_into_an_existing_run_stops_every_process_with_the_message(
+    synthetic_root, tmp_path
+):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken/last.pt").write_bytes(b"an earlier run")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "main.py"), *train_args(synthetic_root, tmp_path, "taken", 1)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: {tmp_path / 'taken'} already holds a run") == 2
+    assert "[rank1]" not in result.stderr, "rank 1 failed on its own instead"
+    assert (tmp_path / "taken/last.pt").read_bytes() == b"an earlier run"
