@@ -27,11 +27,12 @@ edited by hand. The five scripts mark their exercises with two comment lines:
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
 The bundle holds the five scripts, LAB.md, README.md, the setup files (requirements,
-constraints.txt, environment.yml, setup.sh, demo.sh, .gitignore), synthetic.py,
-pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py); the
-teacher-side tests are left out. ``--out DIR`` may exist: the files of the bundle are
-replaced and everything else in DIR (a student's data/ or runs/, say) is left alone. DIR
-must lie outside this folder. Two runs write identical trees.
+constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore), synthetic.py,
+bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py):
+the README's commands work in it, and its `bash test.sh` runs the linter and every
+self-check. The teacher-side tests and this script are left out. ``--out DIR`` may exist:
+the files of the bundle are replaced and everything else in DIR (a student's data/ or
+runs/, say) is left alone. DIR must lie outside this folder. Two runs write identical trees.
 """
 
 from __future__ import annotations
@@ -58,12 +59,18 @@ COPIED_FILES: tuple[str, ...] = (
     "environment.yml",
     "setup.sh",
     "demo.sh",
+    "test.sh",
     ".gitignore",
+    "bench.py",
+    "docs/benchmark.md",
+    "docs/demo.png",
     "synthetic.py",
     "pyproject.toml",
     "tests/conftest.py",
     "tests/test_lab.py",
 )
+# Copied as bytes, never searched for markers.
+BINARY_FILES: frozenset[str] = frozenset({"docs/demo.png"})
 # Copied when present: the bundle is still complete without them.
 OPTIONAL_FILES: frozenset[str] = frozenset({"README.md"})
 
@@ -221,26 +228,28 @@ def check_no_markers(text: str, path: str) -> None:
             )
 
 
-def build_bundle(source: Path, solution: bool = False) -> dict[str, tuple[str, int]]:
-    """Every file of the bundle as ``{relative path: (text, mode)}``, in a fixed order.
+def build_bundle(source: Path, solution: bool = False) -> dict[str, tuple[bytes, int]]:
+    """Every file of the bundle as ``{relative path: (content, mode)}``, in a fixed order.
 
     solution: keep the answers (markers removed) instead of stubbing them.
     """
-    bundle: dict[str, tuple[str, int]] = {}
+    bundle: dict[str, tuple[bytes, int]] = {}
     for name in SOLUTION_FILES + COPIED_FILES:
         path = source / name
         if not path.is_file():
             if name in OPTIONAL_FILES:
                 continue
             raise MarkerError(f"{path}: missing; the bundle needs it")
-        text = path.read_text()
+        content = path.read_bytes()
         if name in SOLUTION_FILES:
+            text = path.read_text()
             text = solution_version(text, name) if solution else student_version(text, name)
-        else:
-            check_no_markers(text, name)
+            content = text.encode()
+        elif name not in BINARY_FILES:
+            check_no_markers(content.decode(), name)
         # Only the executable bit is kept, so that the modes do not depend on the umask.
         mode = 0o755 if path.stat().st_mode & 0o100 else 0o644
-        bundle[name] = (text, mode)
+        bundle[name] = (content, mode)
     return bundle
 
 
@@ -264,12 +273,12 @@ def check_out_dir(out: Path, source: Path) -> None:
         raise MarkerError(f"--out {out} is a file, not a directory")
 
 
-def write_bundle(bundle: dict[str, tuple[str, int]], out: Path) -> None:
+def write_bundle(bundle: dict[str, tuple[bytes, int]], out: Path) -> None:
     """Write the files of `bundle` under `out`, replacing those already there."""
-    for name, (text, mode) in bundle.items():
+    for name, (content, mode) in bundle.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_bytes(content)
         path.chmod(mode)
 
 

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
@@ -210,7 +209,7 @@ class UNet(nn.Module):
         if pad_bottom or pad_right:
             # Replicating the border keeps the padding close to the image statistics; zeros
             # would add a sharp artificial edge for the first convs to react to.
-            images = F.pad(images, (0, pad_right, 0, pad_bottom), mode="replicate")
+            images = nn.functional.pad(images, (0, pad_right, 0, pad_bottom), mode="replicate")
         # <<< Q9
         outputs, features = self.encoder(images)
         logits = self.decoder(outputs, features)

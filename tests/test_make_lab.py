@@ -145,6 +145,23 @@ def test_the_bundles_hold_exactly_the_listed_files(bundles):
     assert not (bundles.student / "make_lab.py").exists()
 
 
+def test_the_student_bundle_passes_the_linter_and_its_test_script_runs_the_self_checks(
+    bundles,
+):
+    for command in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command],
+            cwd=bundles.student, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    test_script = (bundles.student / "test.sh").read_text()
+    assert "setup.sh dev" in test_script and "pytest" in test_script
+    assert (bundles.student / "tests" / "test_lab.py").is_file()
+    readme = (bundles.student / "README.md").read_text()
+    for linked in re.findall(r"\]\(([\w./-]+)\)", readme):
+        assert (bundles.student / linked).exists(), f"README links to {linked}"
+
+
 def test_the_setup_script_finds_its_files_in_the_bundle(bundles):
     setup = (bundles.student / "setup.sh").read_text()
     for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
@@ -229,6 +246,8 @@ def test_no_line_of_a_marked_region_leaks_into_the_student_bundle(bundles):
 def test_no_marker_reaches_any_bundle(bundles):
     for folder in (bundles.student, bundles.solution):
         for relative, (content, _) in bundle_files(folder).items():
+            if relative in make_lab.BINARY_FILES:
+                continue
             for line in content.decode().splitlines():
                 assert not make_lab.MARKER_LIKE.match(line), f"{relative}: {line}"
 
