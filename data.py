@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_png
 try:
     # libspng decodes these PNGs 1.2-1.3x faster than torchvision here, and raises a clean
     # error on corrupt pixel data where torchvision's decoder can crash the process. It has
-    # no wheel for some platforms (Linux on ARM): there torchvision decodes.
+    # no wheel for some platforms (Linux on ARM, Intel Macs): there torchvision decodes.
     import pyspng
 except ImportError:
     pyspng = None
