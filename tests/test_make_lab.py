@@ -189,6 +189,21 @@ def test_the_student_command_lines_start(bundles):
         assert result.stdout.startswith("usage:")
 
 
+def test_training_in_the_student_bundle_names_the_first_unanswered_question(
+    bundles, synthetic_root, tmp_path
+):
+    result = subprocess.run(
+        [sys.executable, "main.py", "train", "--datadir", str(synthetic_root), "--areas", "1",
+         "--val-areas", "5a", "--epochs", "1", "--workers", "1", "--device", "cpu",
+         "--logdir", str(tmp_path)],
+        cwd=bundles.student, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: Q\d+: .+ in \w+\.py, see LAB\.md \(the program needs it\)", line)
+
+
 def test_each_stub_raises_not_implemented_naming_its_question(bundles):
     for region in REGIONS:
         names = enclosing_names((ROOT / region.path).read_text(), region.open_line)
