@@ -807,7 +807,7 @@ def jitter_strength(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
+        value = math.nan  # not a number: refused below like one out of range
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(
             f"expected a number from 0 up to (not including) 1, got {text!r}"
