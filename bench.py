@@ -71,9 +71,14 @@ def naive_classes(semantic: np.ndarray, class_table: np.ndarray) -> np.ndarray:
     return class_table[np.minimum(label_index, len(class_table) - 1)]
 
 
+def pil_decode(path: Path) -> np.ndarray:
+    """PIL: `(H, W, 3)` uint8."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
 def naive_label_map(semantic_path: Path, class_table: np.ndarray) -> np.ndarray:
     """PIL decode of a semantic PNG, then its `(H, W)` int64 class ids."""
-    return naive_classes(np.asarray(Image.open(semantic_path).convert("RGB")), class_table)
+    return naive_classes(pil_decode(semantic_path), class_table)
 
 
 def naive_sample(
@@ -236,11 +241,6 @@ def bench_jitter(
         row(group, frame_name, None, frame_ms / batch_size, "frame"),
         row(group, batch_name, None, batch_ms / batch_size, "frame"),
     ]
-
-
-def pil_decode(path: Path) -> np.ndarray:
-    """PIL: `(H, W, 3)` uint8."""
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def torchvision_decode(path: Path) -> torch.Tensor:
