@@ -9,7 +9,7 @@ speed-up over it:
 
 - loaders: a naive per-frame reference (PIL decode, int64 label map in numpy, PIL crop,
   resize and color jitter, numpy flip and normalization) against our raw-PNG path
-  (data.StanfordDataset) and our pre-decoded cache (data.CachedDataset), both with
+  (data.StanfordDataset) and our pre-decoded cache (cache.CachedDataset), both with
   data.train_transforms (color jitter and normalization happen later, a batch at a time on
   the device), through a DataLoader with 0 and with --workers worker processes;
 - that color jitter per frame: torchvision's ColorJitter on one frame against
@@ -24,12 +24,13 @@ It also checks that the fast paths give the samples they should and prints the r
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import itertools
 import math
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +46,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_png
 
+import cache
 import data
+import devices
 import metrics
 import models
 
@@ -166,6 +169,32 @@ def loader_frames_per_second(
     return frames / elapsed
 
 
+def median_seconds(
+    step: Callable[[], object],
+    device: torch.device,
+    seconds: float = math.inf,
+    max_runs: int = 20,
+) -> float:
+    """Median wall time of `step()` after one warm-up call: at least one timed run, more
+    until `seconds` have passed or `max_runs` are done. On CUDA the clock waits for the
+    device, whose work is otherwise only queued."""
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    times = [timed()]
+    while sum(times) < seconds and len(times) < max_runs:
+        times.append(timed())
+    return statistics.median(times)
+
+
 def per_frame_ms(function: Callable, inputs: list, repeats: int = 1) -> float:
     """Milliseconds of `function(x)` per input: the best of `repeats` passes over `inputs`,
     after one warm-up call."""
@@ -207,7 +236,7 @@ def bench_loaders(
         f"raw PNG, data.StanfordDataset ({OUR_DECODER})": data.StanfordDataset(
             raw.root, None, transforms
         ),
-        "cache, data.CachedDataset": data.CachedDataset(cache_root, None, transforms),
+        "cache, cache.CachedDataset": cache.CachedDataset(cache_root, None, transforms),
     }
     rows = []
     for num_workers in sorted({0, workers}):
@@ -230,10 +259,8 @@ def bench_jitter(
     per_frame = T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
     on_device = images.to(device)
     cpu = torch.device("cpu")
-    frame_ms = 1000 * metrics.median_seconds(lambda: [per_frame(x) for x in images], cpu, seconds)
-    batch_ms = 1000 * metrics.median_seconds(
-        lambda: data.jitter_colors(on_device, 0.2), device, seconds
-    )
+    frame_ms = 1000 * median_seconds(lambda: [per_frame(x) for x in images], cpu, seconds)
+    batch_ms = 1000 * median_seconds(lambda: data.jitter_colors(on_device, 0.2), device, seconds)
     group = f"color jitter, {batch_size}x{img_size}x{img_size} batch"
     frame_name = "torchvision ColorJitter, frame by frame (cpu)"
     batch_name = f"data.jitter_colors, the whole batch ({device.type})"
@@ -305,12 +332,42 @@ def bench_decoding(
 
 
 def bench_metrics(batch_size: int, size: int, repeats: int, device: torch.device) -> list[dict]:
-    """Milliseconds per update of our confusion matrix and of torchmetrics' Jaccard index."""
-    group = f"metric update, {batch_size}x{size}x{size} batch"
-    results = metrics.benchmark_update(batch_size, size, repeats, device=str(device))
+    """Milliseconds per update of a `(batch_size, size, size)` batch of class ids: torchmetrics'
+    Jaccard index with and without its argument checks (the reference, when installed), then
+    our metrics.ConfusionMatrix. Each is the median of `repeats` updates."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch_size, size, size)
+    targets = torch.randint(0, data.NUM_CLASSES, shape, generator=generator).to(device)
+    preds = torch.randint(0, data.NUM_CLASSES, shape, generator=generator).to(device)
+
     # torchmetrics first: it is the reference of the group.
-    results.sort(key=lambda result: "torchmetrics" not in str(result["name"]))
-    return [row(group, str(r["name"]), None, float(r["ms"]), "batch") for r in results]
+    candidates: list[tuple[str, Callable[[], object]]] = []
+    try:
+        from torchmetrics.classification import MulticlassJaccardIndex
+    except ImportError:
+        print(
+            "torchmetrics is not installed: timing ours only (pip install torchmetrics)",
+            file=sys.stderr,
+        )
+    else:
+        for validate in (True, False):
+            metric = MulticlassJaccardIndex(
+                data.NUM_CLASSES,
+                average=None,
+                ignore_index=data.IGNORE_INDEX,
+                validate_args=validate,
+            ).to(device)
+            name = f"torchmetrics MulticlassJaccardIndex (validate_args={validate})"
+            # A partial, not a lambda, binds this loop's metric rather than the last one.
+            candidates.append((name, functools.partial(metric.update, preds, targets)))
+    ours = metrics.ConfusionMatrix(data.NUM_CLASSES, data.IGNORE_INDEX)
+    candidates.append(("ConfusionMatrix (ours)", lambda: ours.update(preds, targets)))
+
+    group = f"metric update, {batch_size}x{size}x{size} batch"
+    return [
+        row(group, name, None, 1000 * median_seconds(step, device, max_runs=repeats), "batch")
+        for name, step in candidates
+    ]
 
 
 def model_variants(device: torch.device) -> list[tuple[str, torch.dtype | None, bool]]:
@@ -323,10 +380,6 @@ def model_variants(device: torch.device) -> list[tuple[str, torch.dtype | None, 
     else:
         variants.append(("autocast bfloat16, channels_last", torch.bfloat16, True))
     return variants
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def unet_step_seconds(
@@ -356,7 +409,7 @@ def unet_step_seconds(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def train_step() -> None:
-        with autocast(device, dtype):
+        with devices.autocast(device, enabled=dtype is not None, dtype=dtype):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), targets, ignore_index=data.IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
@@ -365,12 +418,13 @@ def unet_step_seconds(
         scaler.update()
 
     def inference_step() -> None:
-        with torch.inference_mode(), autocast(device, dtype):
+        with (
+            torch.inference_mode(),
+            devices.autocast(device, enabled=dtype is not None, dtype=dtype),
+        ):
             model(images)
 
-    return metrics.median_seconds(
-        train_step if train else inference_step, device, seconds, max_runs
-    )
+    return median_seconds(train_step if train else inference_step, device, seconds, max_runs)
 
 
 def bench_model(
@@ -471,7 +525,7 @@ def check_samples(
         torch.manual_seed(index)
         crops_equal &= same_samples(ours, labels_decoded_first(index))
 
-    cached = data.CachedDataset(cache_root)
+    cached = cache.CachedDataset(cache_root)
     raw_eval = data.StanfordDataset(raw.root, None, data.eval_transforms(cached.size))
     cache_equal = all(same_samples(cached[i], raw_eval[i]) for i in range(len(cached)))
     decoder_names = ", ".join(png_decoders())
@@ -609,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = data.StanfordDataset(root)
         print(f"caching {len(raw)} frames at {args.img_size}px", file=sys.stderr, flush=True)
         cache_root = workdir / "cache"
-        data.write_cache(root, cache_root, args.img_size, progress=False)
+        cache.write_cache(root, cache_root, args.img_size, progress=False)
 
         # Loader numbers are per core: one thread in the main process, one per worker.
         torch.set_num_threads(1)

@@ -6,20 +6,22 @@
     torchrun --nproc_per_node 4 main.py train ...        (one process per GPU)
 
 One plain loop: the same code runs on a CUDA GPU (mixed precision, channels_last, pinned
-memory) and on a CPU. `python main.py COMMAND --help` explains every flag.
+memory) and on a CPU. `python main.py COMMAND --help` explains every flag. The machinery
+lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving
+and loading), cache.py (pre-decoded data sets).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import os
-import pickle
 import re
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,22 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import cache
+import checkpoints
 import data
+import devices
+import losses
 import metrics
 import models
 import utils
+from checkpoints import CheckpointError
 
-CHECKPOINT_FORMAT = "segmentation-lab/1"
 NUM_PREVIEW_IMAGES = 4  # validation frames shown in TensorBoard every epoch
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says what differs or what to do."""
-
-
-class UsageError(Exception):
-    """A flag that cannot work on this machine or with these inputs."""
 
 
 class TrainingStopped(Exception):
@@ -51,163 +48,31 @@ class TrainingStopped(Exception):
 
 
 # ----------------------------------------------------------------------------------------
-# Devices and processes
-
-
-def setup_distributed() -> tuple[int, int, int]:
-    """Join the process group that torchrun describes in the environment.
-
-    Returns (rank, world size, local rank); (0, 1, 0) when not started by torchrun.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world_size, local_rank
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """ "auto" is the GPU of this process when there is one, else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """Mixed precision for the forward pass: float16 on CUDA (bfloat16 where supported is
-    no faster on most GPUs and needs no loss scaling, but float16 runs everywhere)."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cuda_oom_message(args: argparse.Namespace) -> str:
-    flags = [f"--batch-size {args.batch_size}"] if hasattr(args, "batch_size") else []
-    if hasattr(args, "img_size"):
-        flags.append(f"--img-size {args.img_size}")
-    return f"CUDA ran out of memory with {' and '.join(flags) or 'this input'}: lower them"
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints: plain data only, loadable with torch.load(weights_only=True)
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed
-    over `path`. A crash at any moment leaves either the old or the new file, both whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # a full disk fails in torch.save as either
-        kept = "the previous one is kept" if path.exists() else "there is no earlier one"
-        raise CheckpointError(f"cannot write {path} ({error}); {kept}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint of this project. Never unpickles code: `weights_only=True` refuses
-    any Python object other than tensors and plain containers."""
-    path = Path(path)
-    if not path.is_file():
-        sibling = path.with_name("best.pt")
-        hint = f" ({sibling} exists and can be used instead)" if sibling.is_file() else ""
-        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects that could run code, and only "
-            f"plain data is accepted ({first_line})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
-    required = ("model_config", "model_state", "classes", "img_size", "epoch", "args")
-    missing = [key for key in required if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights, checked against the
-    classes of this project."""
-    classes = list(checkpoint["classes"])
-    if classes != list(data.CLASSES):
-        raise CheckpointError(
-            f"{path} was trained for {len(classes)} classes ({', '.join(classes)}) but this "
-            f"project has {data.NUM_CLASSES} ({', '.join(data.CLASSES)})"
-        )
-    config = dict(checkpoint["model_config"])
-    if config.get("num_classes") != len(classes):
-        raise CheckpointError(
-            f"{path}: its model has {config.get('num_classes')} classes but its class list "
-            f"has {len(classes)}"
-        )
-    config.pop("pretrained", None)  # the stored weights replace any pretrained ones
-    try:
-        model = models.build_model(**config)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot build its model {config}: {error}") from None
-    load_model_state(model, checkpoint["model_state"], path)
-    return model
-
-
-def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:
-    """load_state_dict with a message that names the keys and shapes that differ."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state)
-        if state[key].shape != expected[key].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} weights (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unknown weights (e.g. {unexpected[0]})")
-    if wrong_shape:
-        problems.append(f"shapes differ: {'; '.join(sorted(wrong_shape)[:3])}")
-    if problems:
-        raise CheckpointError(f"{path} does not fit its model: {', '.join(problems)}")
-    model.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------------------
 # Training
+
+
+@dataclass
+class Run:
+    """What training changes step after step, and what a checkpoint saves of it."""
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0  # optimizer steps taken: the x-axis of every TensorBoard curve
+    bad_steps_in_a_row: int = 0  # non-finite losses since the last good step
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How each training step runs, from the command line."""
+
+    amp: bool  # mixed precision in the forward pass
+    channels_last: bool  # memory format of the images
+    jitter: float  # strength of data.jitter_colors (0: off)
+    clip_grad: float  # max gradient norm (0: no clipping)
+    max_bad_steps: int  # non-finite losses in a row before giving up
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -221,91 +86,81 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     return (1.0 - progress) ** 0.9
 
 
-def class_weights_for(args: argparse.Namespace, train_set) -> list[float]:
-    """Class weights of the weighted cross-entropy, from the pixel shares of the training
-    frames (or from a `data.py histogram --out` file)."""
-    if args.class_weights:
-        shares = json.loads(Path(args.class_weights).read_text())["pixel_share"]
-    else:
-        counts = data.class_histogram(train_set.dataset, train_set.indices)
-        shares = (counts / counts.sum().clamp(min=1)).tolist()
-    weights = metrics.class_weights_from_frequencies(shares, args.weight_method)
-    return [float(w) for w in weights]
-
-
 def train_one_epoch(
-    model: nn.Module,
+    run: Run,
+    train_model: nn.Module,
     loader,
-    loss_fn,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
     device: torch.device,
-    args: argparse.Namespace,
-    epoch: int,
+    options: StepOptions,
+    description: str,
     writer,
-    state: dict,
 ) -> float:
     """One pass over the training set; returns the mean loss of the steps taken.
 
-    `state` carries the counters that survive epochs: global `step` and `bad_steps_in_a_row`.
+    `train_model` is `run.model`, wrapped in DistributedDataParallel under torchrun.
     """
-    model.train()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    train_model.train()
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     total_loss, good_steps, skipped = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main_process())
+    bar = tqdm(loader, desc=description, disable=not devices.is_main_process())
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
-        images = data.jitter_colors(images, args.jitter)
+        images = data.jitter_colors(images, options.jitter)
         images = data.normalize(images).contiguous(memory_format=memory_format)
 
-        with autocast_context(device, args.amp):
-            logits = model(images)
-        loss = loss_fn(logits, targets)  # the losses compute in float32
-
-        # A NaN or inf loss (fp16 overflow, a bad batch) must not reach the weights. Under
-        # DDP every process has to take the same decision, or the gradient sync hangs.
-        finite = torch.isfinite(loss).to(torch.float32)
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 0:
-            optimizer.zero_grad(set_to_none=True)
+        with devices.autocast(device, enabled=options.amp):
+            logits = train_model(images)
+        loss = run.loss_fn(logits, targets)  # the losses compute in float32
+        if not loss_is_finite(loss, run, options.max_bad_steps):
             skipped += 1
-            state["bad_steps_in_a_row"] += 1
-            tqdm.write(f"warning: non-finite loss at step {state['step']}, step skipped")
-            if state["bad_steps_in_a_row"] >= args.max_bad_steps:
-                raise TrainingStopped(
-                    f"{state['bad_steps_in_a_row']} non-finite losses in a row (--max-bad-steps "
-                    f"{args.max_bad_steps}): training stopped, the last good checkpoint is kept. "
-                    "Lower --lr, or try --no-amp."
-                )
             continue
-        state["bad_steps_in_a_row"] = 0
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        state["step"] += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if options.clip_grad > 0:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(train_model.parameters(), options.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        run.step += 1
 
         loss_value = loss.item()
         total_loss += loss_value
         good_steps += 1
         frames_per_second = good_steps * len(images) / (time.perf_counter() - start)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = run.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", fps=f"{frames_per_second:.1f}")
         if writer is not None:
-            writer.add_scalar("train/loss", loss_value, state["step"])
-            writer.add_scalar("train/lr", lr, state["step"])
+            writer.add_scalar("train/loss", loss_value, run.step)
+            writer.add_scalar("train/lr", lr, run.step)
     if skipped:
-        print(f"epoch {epoch + 1}: skipped {skipped} steps with a non-finite loss")
+        print(f"{description}: skipped {skipped} steps with a non-finite loss")
     return total_loss / good_steps if good_steps else math.nan
+
+
+def loss_is_finite(loss: torch.Tensor, run: Run, max_bad_steps: int) -> bool:
+    """False for a NaN or inf loss (fp16 overflow, a bad batch), which must not reach the
+    weights; TrainingStopped after `max_bad_steps` of them in a row."""
+    finite = torch.isfinite(loss).to(torch.float32)
+    # Under DDP every process has to take the same decision, or the gradient sync hangs.
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 1:
+        run.bad_steps_in_a_row = 0
+        return True
+    run.optimizer.zero_grad(set_to_none=True)
+    run.bad_steps_in_a_row += 1
+    tqdm.write(f"warning: non-finite loss at step {run.step}, step skipped")
+    if run.bad_steps_in_a_row >= max_bad_steps:
+        raise TrainingStopped(
+            f"{run.bad_steps_in_a_row} non-finite losses in a row (--max-bad-steps "
+            f"{max_bad_steps}): training stopped, the last good checkpoint is kept. "
+            "Lower --lr, or try --no-amp."
+        )
+    return False
 
 
 @torch.no_grad()
@@ -321,17 +176,20 @@ def evaluate(
     """Confusion matrix of `model` over `loader`, summed over processes under DDP.
 
     With `full_resolution`, the masks are larger than the images and the logits are
-    upsampled to the mask size before the argmax. `on_batch(images, targets, predictions)`
-    sees every batch on the device (uint8 images, int64 class ids).
+    upsampled to the mask size before the argmax. `on_batch(images, targets, predictions,
+    *rest)` sees every batch on the device (uint8 images, int64 class ids), with whatever
+    the loader yields after images and targets.
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     confusion = metrics.ConfusionMatrix(data.NUM_CLASSES, data.IGNORE_INDEX)
-    for images, targets in tqdm(loader, desc="evaluate", disable=not is_main_process()):
+    for images, targets, *rest in tqdm(
+        loader, desc="evaluate", disable=not devices.is_main_process()
+    ):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
         inputs = data.normalize(images).contiguous(memory_format=memory_format)
-        with autocast_context(device, amp):
+        with devices.autocast(device, enabled=amp):
             logits = model(inputs)
         if full_resolution and logits.shape[-2:] != targets.shape[-2:]:
             logits = F.interpolate(
@@ -340,273 +198,108 @@ def evaluate(
         predictions = logits.argmax(dim=1)
         confusion.update(predictions, targets)
         if on_batch is not None:
-            on_batch(images, targets, predictions)
+            on_batch(images, targets, predictions, *rest)
     confusion.all_reduce()
     return confusion
 
 
-def preview_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same `count` validation frames every epoch: `(N, 3, S, S)` uint8, `(N, S, S)`."""
-    step = max(1, len(dataset) // count)
-    samples = [dataset[i] for i in range(0, len(dataset), step)[:count]]
-    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-
-
-def log_validation(writer, results: dict, confusion, model, preview, device, args, step):
-    """Scalars, per-class IoU, the preview grid and the confusion matrix in TensorBoard, at
-    optimizer step `step` (one x-axis for training and validation curves)."""
-    for key in ("miou", "pixel_accuracy", "mean_accuracy", "macro_f1"):
-        writer.add_scalar(f"val/{key}", results[key], step)
-    for name, iou in zip(data.CLASSES, results["iou"], strict=True):
-        if not math.isnan(iou):
-            writer.add_scalar(f"val_iou/{name}", iou, step)
-    images, targets = preview
-    model.eval()
-    with torch.no_grad(), autocast_context(device, args.amp):
-        predictions = model(data.normalize(images.to(device))).argmax(dim=1).cpu()
-    writer.add_image(
-        "val/input_truth_prediction", utils.comparison_grid(images, targets, predictions), step
-    )
-    figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
-    writer.add_figure("val/confusion_matrix", figure, step)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def trim_jsonl(path: Path, last_epoch: int) -> None:
-    """Keep the lines of epochs up to `last_epoch`, once each: after a crash the run resumes
-    from the last checkpoint, and the epochs after it are trained (and written) again."""
-    if not path.exists():
-        return
-    kept: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by the crash
-        if epoch <= last_epoch:
-            kept[epoch] = line
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(kept[e] + "\n" for e in sorted(kept)))
-    os.replace(temporary, path)
-
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """The arguments as JSON-compatible data, for checkpoints and TensorBoard."""
-    return {key: value for key, value in vars(args).items() if key != "func"}
-
-
-def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
-    """A resumed run keeps its configuration; only where to read data and how to run may
-    change (datadir, device, workers)."""
-    # An option the checkpoint predates takes its value from this command line.
-    restored = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
-    for key in ("resume", "device", "stop_after", "func"):
-        setattr(restored, key, getattr(args, key))
-    restored.datadir = args.datadir or restored.datadir
-    restored.workers = restored.workers if args.workers is None else args.workers
-    return restored
-
-
-def prepare_run_dir(args: argparse.Namespace) -> Path:
-    """The run's folder (rank 0 creates it). A new run never overwrites an older one; a
-    resumed run continues in the folder of its checkpoint, even if that folder moved."""
-    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
-    # Every process checks, so that under torchrun all of them stop with this message
-    # instead of the others failing later on a connection that rank 0 closed.
-    if not args.resume and (run_dir / "last.pt").exists():
-        raise CheckpointError(
-            f"{run_dir} already holds a run: continue it with --resume {run_dir}/last.pt "
-            "or choose another --name"
-        )
-    if not is_main_process():
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # A run killed while saving leaves the temporary file of that checkpoint behind.
-    for leftover in run_dir.glob(".*.pt.*.tmp"):
-        leftover.unlink()
-    if not args.resume:  # drop the lines of a run killed before its first checkpoint
-        trim_jsonl(run_dir / "metrics.jsonl", 0)
-    return run_dir
-
-
-def make_checkpoint(
-    args, model_config, model, optimizer, scheduler, scaler, epoch, step, results, best_miou
-) -> dict:
-    """Everything needed to use the model (config, classes, image size, normalization) and
-    to resume the run (optimizer, scheduler, scaler, counters, arguments), as plain data."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": model_config,
-        "model_state": model.state_dict(),
-        "classes": list(data.CLASSES),
-        "img_size": args.img_size,
-        "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
-        "epoch": epoch,
-        "step": step,
-        "metrics": results,
-        "best_miou": best_miou,
-        "args": plain_args(args),
-        "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict(),
-        "scaler_state": scaler.state_dict(),
-    }
-
-
 def train(args: argparse.Namespace) -> int:
-    """The `train` command: build data, model, loss and optimizer, then train and validate
-    epoch by epoch, saving last.pt and best.pt."""
-    resume_checkpoint = None
-    if args.resume:
-        resume_checkpoint = load_checkpoint(args.resume)
-        args = restore_args(args, resume_checkpoint)
+    """The `train` command: build the run (data, model, loss, optimizer), then train and
+    validate epoch by epoch, saving last.pt and best.pt."""
+    resume = checkpoints.load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        args = restore_args(args, resume)
+        if resume["epoch"] >= args.epochs:
+            print(f"{args.resume}: the run is finished ({args.epochs} epochs); nothing to do")
+            return 0
     args.datadir = args.datadir or data.default_datadir()
     args.workers = 2 if args.workers is None else args.workers
-    if resume_checkpoint is not None and resume_checkpoint["epoch"] >= args.epochs:
-        print(f"{args.resume}: the run is finished ({args.epochs} epochs); nothing to do")
-        return 0
+    rank, world_size, local_rank = devices.setup_distributed()
+    device = devices.pick_device(args.device, local_rank)
+    # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower on
+    # others: opt in with --amp after `python bench.py` says it pays.
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
+    checkpoints.prepare_run_dir(run_dir, resume is not None, devices.is_main_process())
+    devices.seed_everything(args.seed)
 
-    rank, world_size, local_rank = setup_distributed()
-    device = pick_device(args.device, local_rank)
-    if args.amp is None:
-        # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower
-        # on others: opt in with --amp after `python bench.py` says it pays.
-        args.amp = device.type == "cuda"
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
-    run_dir = prepare_run_dir(args)
-    seed_everything(args.seed)
-
-    train_set, val_set = data.get_datasets(
-        args.datadir,
-        args.areas,
-        args.val_areas,
-        img_size=args.img_size,
-        subset=args.subset,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        skip_bad=args.skip_bad,
-    )
-    pin_memory = device.type == "cuda"
-    train_loader = data.make_loader(
-        train_set, args.batch_size, True, args.workers, pin_memory, args.seed
-    )
-    val_loader = data.make_loader(val_set, args.batch_size, False, args.workers, pin_memory)
+    # The data: loaders of uint8 images and class ids, from PNGs or a cache.
+    train_loader, val_loader = data.get_dataloaders(
+        args.datadir, args.areas, args.val_areas, args.img_size, args.batch_size,
+        args.workers, args.subset, args.val_fraction, args.seed,
+        pin_memory=device.type == "cuda", skip_bad=args.skip_bad,
+        open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
+    )  # fmt: skip
+    train_set, val_set = train_loader.dataset, val_loader.dataset
     if len(train_loader) == 0:
         raise data.DataError(
             f"{len(train_set)} training frames make no full batch of {args.batch_size}: "
             "lower --batch-size or use more frames"
         )
-    if is_main_process():
+    if devices.is_main_process():
         print(
             f"{len(train_set)} training frames, {len(val_set)} validation frames, "
             f"device {device}, {world_size} process(es)"
         )
 
-    model_options = {"num_blocks": args.num_blocks, "base_chan": args.base_chan}
-    if args.model != "unet":
-        model_options = {"pretrained": args.pretrained}
-    model_config = models.model_config(args.model, data.NUM_CLASSES, **model_options)
+    # The run: model, loss, optimizer with its learning rate schedule, loss scaler.
+    model_config = models.model_config(args.model, data.NUM_CLASSES, **model_options(args))
     model = models.build_model(**model_config).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    class_weights = class_weights_for(args, train_set) if args.loss == "wce" else None
-    loss_fn = metrics.build_loss(
-        args.loss, data.NUM_CLASSES, data.IGNORE_INDEX, class_weights=class_weights
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(train_loader)
-    warmup_steps = min(args.warmup_steps, total_steps // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_factor(step, total_steps, warmup_steps, args.schedule),
-    )
+    loss_fn = training_loss(args.loss, train_set, args.class_weights, args.weight_method)
+    optimizer, scheduler = build_optimizer(
+        model, args.lr, args.weight_decay, args.schedule, args.warmup_steps,
+        total_steps=args.epochs * len(train_loader),
+    )  # fmt: skip
     # Loss scaling keeps small float16 gradients from vanishing; with bfloat16 or float32
     # it is not needed and the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    run = Run(model, loss_fn, optimizer, scheduler, scaler)
+    start_epoch, best_miou = restore_run(run, resume, args.resume) if resume else (0, -1.0)
+    train_model = devices.distribute(model, device)
 
-    start_epoch, best_miou = 0, -1.0
-    state = {"step": 0, "bad_steps_in_a_row": 0}
-    if resume_checkpoint is not None:
-        load_model_state(model, resume_checkpoint["model_state"], args.resume)
-        optimizer.load_state_dict(resume_checkpoint["optimizer_state"])
-        scheduler.load_state_dict(resume_checkpoint["scheduler_state"])
-        scaler.load_state_dict(resume_checkpoint["scaler_state"])
-        start_epoch = resume_checkpoint["epoch"]
-        best_miou = resume_checkpoint["best_miou"]
-        state["step"] = resume_checkpoint["step"]
-        if is_main_process():
+    writer, preview = None, None
+    if devices.is_main_process():
+        if resume is not None:
             print(f"resuming {run_dir} after epoch {start_epoch}")
-            trim_jsonl(run_dir / "metrics.jsonl", start_epoch)
-
-    train_model = model
-    if world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    writer = None
-    preview = None
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-
-        # After a crash, events logged past the resumed checkpoint are dropped (purge_step),
-        # so that the retrained epochs do not appear twice.
-        writer = SummaryWriter(
-            log_dir=str(run_dir), purge_step=state["step"] if args.resume else None
-        )
-        config_text = json.dumps({"args": plain_args(args), "model": model_config}, indent=2)
-        writer.add_text("config", f"```\n{config_text}\n```", start_epoch)
+            checkpoints.trim_jsonl(run_dir / "metrics.jsonl", start_epoch)
+        writer = open_tensorboard(run_dir, resume is not None, run.step, args, model_config)
         preview = preview_batch(val_set, NUM_PREVIEW_IMAGES)
 
+    options = StepOptions(
+        args.amp, args.channels_last, args.jitter, args.clip_grad, args.max_bad_steps
+    )
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(start_epoch, end_epoch):
-        # Data order and augmentations depend only on (seed, epoch, number of workers), so
-        # that a resumed run sees the same batches as an uninterrupted one.
-        torch.manual_seed(args.seed + epoch)
-        train_loader.generator.manual_seed(args.seed + epoch)
-        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        seed_epoch(train_loader, args.seed + epoch, epoch)
         epoch_start = time.perf_counter()
+        description = f"epoch {epoch + 1}/{args.epochs}"
         train_loss = train_one_epoch(
-            train_model, train_loader, loss_fn, optimizer, scheduler, scaler, device, args,
-            epoch, writer, state,
-        )  # fmt: skip
+            run, train_model, train_loader, device, options, description, writer
+        )
         confusion = evaluate(model, val_loader, device, args.amp, args.channels_last)
         results = confusion.compute()
         report_bad_frames(train_set, val_set)
-        if not is_main_process():
+        if not devices.is_main_process():
             continue
 
         print(metrics.format_report(results, data.CLASSES))
         print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {results['miou']:.4f}")
-        log_validation(writer, results, confusion, model, preview, device, args, state["step"])
-        writer.flush()
+        log_validation(writer, results, confusion, model, preview, device, args.amp, run.step)
         record = {
             "epoch": epoch + 1,
-            "step": state["step"],
+            "step": run.step,
             "train_loss": train_loss,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - epoch_start,
             "val": results,
         }
-        # The metrics line goes first: if the run dies before the checkpoint is written,
-        # resuming trims the line and trains the epoch again.
-        append_jsonl(run_dir / "metrics.jsonl", record)
         is_best = results["miou"] > best_miou
         best_miou = max(best_miou, results["miou"])
-        checkpoint = make_checkpoint(
-            args, model_config, model, optimizer, scheduler, scaler, epoch + 1, state["step"],
-            results, best_miou,
-        )  # fmt: skip
-        if is_best:
-            save_checkpoint(checkpoint, run_dir / "best.pt")
-        save_checkpoint(checkpoint, run_dir / "last.pt")
+        checkpoint = make_checkpoint(run, model_config, args, epoch + 1, results, best_miou)
+        save_epoch(run_dir, record, checkpoint, is_best)
 
     if writer is not None:
         writer.close()
@@ -616,18 +309,248 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Data order and augmentations depend only on (seed, epoch, number of workers), so
+    that a resumed run sees the same batches as an uninterrupted one."""
+    torch.manual_seed(seed)
+    loader.generator.manual_seed(seed)
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The command-line values of the options that model `args.model` has (its builder's
+    keyword arguments in models.py, e.g. num_blocks and base_chan for the UNet)."""
+    names = models.default_options(args.model)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def training_loss(name: str, train_set, shares_file: str | None, weight_method: str):
+    """The loss `name` of losses.py; "wce" weighs the classes by the pixel shares of the
+    training frames (or of a `data.py histogram --out` file)."""
+    class_weights = None
+    if name == "wce":
+        if shares_file:
+            shares = json.loads(Path(shares_file).read_text())["pixel_share"]
+        else:
+            counts = data.class_histogram(train_set.dataset, train_set.indices)
+            shares = (counts / counts.sum().clamp(min=1)).tolist()
+        class_weights = losses.class_weights_from_frequencies(shares, weight_method).tolist()
+    return losses.build_loss(name, data.NUM_CLASSES, data.IGNORE_INDEX, class_weights=class_weights)
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW, and its learning rate: a warmup of at most half the steps, then the decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup_steps = min(warmup_steps, total_steps // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, schedule)
+    )
+    return optimizer, scheduler
+
+
+def save_epoch(run_dir: Path, record: dict, checkpoint: dict, is_best: bool) -> None:
+    """The epoch's line of metrics.jsonl, then last.pt (and best.pt when it is the best)."""
+    # The metrics line goes first: if the run dies before the checkpoint is written,
+    # resuming trims the line and trains the epoch again.
+    checkpoints.append_jsonl(run_dir / "metrics.jsonl", record)
+    if is_best:
+        checkpoints.save_checkpoint(checkpoint, run_dir / "best.pt")
+    checkpoints.save_checkpoint(checkpoint, run_dir / "last.pt")
+
+
 def report_bad_frames(*subsets) -> None:
     """List the files of the frames left out so far (--skip-bad), each once: without
-    --val-areas the training and validation sets share their files."""
-    bad = dict.fromkeys(path for subset in subsets for path in subset.dataset.bad_paths())
-    if bad and is_main_process():
+    --val-areas the training and validation sets share their files. A cache has none."""
+    bad = dict.fromkeys(
+        path
+        for subset in subsets
+        if isinstance(subset.dataset, data.StanfordDataset)
+        for path in subset.dataset.bad_paths()
+    )
+    if bad and devices.is_main_process():
         print(f"skipped {len(bad)} frame(s) with an unreadable or missing file so far:")
         for path in bad:
             print(f"  {path}")
 
 
 # ----------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def open_tensorboard(run_dir: Path, resuming: bool, step: int, args, model_config: dict):
+    """A SummaryWriter on the run folder, with the run's configuration as text."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    # After a crash, events logged past the resumed checkpoint are dropped (purge_step),
+    # so that the retrained epochs do not appear twice.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resuming else None)
+    config_text = json.dumps({"args": plain_args(args), "model": model_config}, indent=2)
+    writer.add_text("config", f"```\n{config_text}\n```", step)
+    return writer
+
+
+def preview_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same `count` validation frames every epoch: `(N, 3, S, S)` uint8, `(N, S, S)`."""
+    step = max(1, len(dataset) // count)
+    samples = [dataset[i] for i in range(0, len(dataset), step)[:count]]
+    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+
+
+def log_validation(writer, results: dict, confusion, model, preview, device, amp: bool, step):
+    """Every mean score, per-class IoU, the preview grid and the confusion matrix in
+    TensorBoard, at optimizer step `step` (one x-axis for training and validation)."""
+    for key, value in results.items():
+        if isinstance(value, float):  # the means; the lists are per class
+            writer.add_scalar(f"val/{key}", value, step)
+    for name, iou in zip(data.CLASSES, results["iou"], strict=True):
+        if not math.isnan(iou):
+            writer.add_scalar(f"val_iou/{name}", iou, step)
+    images, targets = preview
+    model.eval()
+    with torch.no_grad(), devices.autocast(device, enabled=amp):
+        predictions = model(data.normalize(images.to(device))).argmax(dim=1).cpu()
+    writer.add_image(
+        "val/input_truth_prediction", utils.comparison_grid(images, targets, predictions), step
+    )
+    figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
+    writer.add_figure("val/confusion_matrix", figure, step)
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------------------
+# What a checkpoint holds: plain data only, loadable with torch.load(weights_only=True)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The arguments as JSON-compatible data, for checkpoints and TensorBoard."""
+    return {key: value for key, value in vars(args).items() if key != "func"}
+
+
+def make_checkpoint(
+    run: Run, model_config: dict, args: argparse.Namespace, epoch: int, results, best_miou
+) -> dict:
+    """Everything needed to use the model (config, classes, image size, normalization) and
+    to resume the run (optimizer, scheduler, scaler, counters, arguments), as plain data."""
+    return {
+        "format": checkpoints.CHECKPOINT_FORMAT,
+        "model_config": model_config,
+        "model_state": run.model.state_dict(),
+        "classes": list(data.CLASSES),
+        "img_size": args.img_size,
+        "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
+        "epoch": epoch,
+        "step": run.step,
+        "metrics": results,
+        "best_miou": best_miou,
+        "args": plain_args(args),
+        "optimizer_state": run.optimizer.state_dict(),
+        "scheduler_state": run.scheduler.state_dict(),
+        "scaler_state": run.scaler.state_dict(),
+    }
+
+
+def restore_run(run: Run, checkpoint: dict, path: str) -> tuple[int, float]:
+    """Load the states of a checkpoint into `run`; returns (epochs done, best val mIoU)."""
+    checkpoints.load_model_state(run.model, checkpoint["model_state"], path)
+    run.optimizer.load_state_dict(checkpoint["optimizer_state"])
+    run.scheduler.load_state_dict(checkpoint["scheduler_state"])
+    run.scaler.load_state_dict(checkpoint["scaler_state"])
+    run.step = checkpoint["step"]
+    return checkpoint["epoch"], checkpoint["best_miou"]
+
+
+def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
+    """A resumed run keeps its configuration; only where to read data and how to run may
+    change (datadir, device, workers)."""
+    # An option the checkpoint predates takes its value from this command line.
+    restored = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
+    for key in ("resume", "device", "stop_after", "func"):
+        setattr(restored, key, getattr(args, key))
+    restored.datadir = args.datadir or data.default_datadir(restored.datadir)
+    restored.workers = restored.workers if args.workers is None else args.workers
+    return restored
+
+
+# ----------------------------------------------------------------------------------------
 # Test and predict
+
+
+def test(args: argparse.Namespace) -> int:
+    rank, world_size, local_rank = devices.setup_distributed()
+    device = devices.pick_device(args.device, local_rank)
+    checkpoint = checkpoints.load_checkpoint(args.model)
+    model = checkpoints.model_from_checkpoint(checkpoint, args.model).to(device)
+    datadir = args.datadir or data.default_datadir(checkpoint["args"].get("datadir"))
+    areas = args.areas or default_test_areas(datadir, checkpoint)
+    img_size = checkpoint["img_size"]
+    transforms = data.eval_transforms(img_size, resize_mask=args.at_train_size)
+    # On a cache, "full resolution" is the cached size.
+    dataset = cache.open_dataset(datadir, areas, transforms, img_size=img_size)
+    indices = data.subset_indices(len(dataset), args.subset)
+    frames = torch.utils.data.Subset(FramesWithIndex(dataset), indices)
+    loader = data.make_loader(frames, args.batch_size, False, args.workers, device.type == "cuda")
+    out = Path(args.out or Path(args.model).parent / f"test-{'-'.join(dataset.areas)}")
+    if devices.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"testing {args.model} on {len(frames)} frames of areas {', '.join(dataset.areas)}")
+
+    on_batch = None
+    if args.save_predictions:
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+
+        def on_batch(images, targets, predictions, frame_indices):
+            from PIL import Image
+
+            for prediction, index in zip(predictions.cpu(), frame_indices.tolist(), strict=True):
+                colors = utils.colorize(prediction).permute(1, 2, 0).numpy()
+                name = dataset.frames[index].name
+                Image.fromarray(colors).save(out / "predictions" / f"{name}.png")
+
+    amp = device.type == "cuda"
+    confusion = evaluate(
+        model, loader, device, amp, full_resolution=not args.at_train_size, on_batch=on_batch
+    )
+    if not devices.is_main_process():
+        return 0
+    results = confusion.compute()
+    print(metrics.format_report(results, data.CLASSES))
+    print(f"mIoU: {results['miou']:.4f}")
+    summary = {
+        "model": str(args.model),
+        "datadir": str(datadir),
+        "areas": dataset.areas,
+        "frames": len(frames),
+        "full_resolution": not args.at_train_size,
+        **results,
+        "confusion_matrix": confusion.matrix.tolist(),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
+    figure.savefig(out / "confusion_matrix.png", dpi=100)
+    print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+    return 0
+
+
+class FramesWithIndex(torch.utils.data.Dataset):
+    """`(image, mask, index)` for each frame of `dataset`: batches name their own frames,
+    whatever order the sampler hands them in."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return (*self.dataset[index], index)
 
 
 def default_test_areas(root: str, checkpoint: dict) -> list[str]:
@@ -639,61 +562,6 @@ def default_test_areas(root: str, checkpoint: dict) -> list[str]:
     if not held_out:
         raise data.DataError(f"every area under {root} was used for training: pass --areas")
     return held_out
-
-
-def test(args: argparse.Namespace) -> int:
-    rank, world_size, local_rank = setup_distributed()
-    device = pick_device(args.device, local_rank)
-    checkpoint = load_checkpoint(args.model)
-    model = model_from_checkpoint(checkpoint, args.model).to(device)
-    datadir = args.datadir or checkpoint["args"].get("datadir") or data.default_datadir()
-    areas = args.areas or default_test_areas(datadir, checkpoint)
-    img_size = checkpoint["img_size"]
-    transforms = data.eval_transforms(img_size, resize_mask=args.at_train_size)
-    # On a cache, "full resolution" is the cached size.
-    dataset = data.open_dataset(datadir, areas, transforms, img_size=img_size)
-    subset = torch.utils.data.Subset(dataset, data.subset_indices(len(dataset), args.subset))
-    loader = data.make_loader(subset, args.batch_size, False, args.workers, device.type == "cuda")
-    out = Path(args.out or Path(args.model).parent / f"test-{'-'.join(dataset.areas)}")
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"testing {args.model} on {len(subset)} frames of areas {', '.join(dataset.areas)}")
-
-    on_batch = None
-    if args.save_predictions:
-        (out / "predictions").mkdir(parents=True, exist_ok=True)
-        names = iter([dataset.frames[subset.indices[i]].name for i in loader.sampler])
-
-        def on_batch(images, targets, predictions):
-            from PIL import Image
-
-            for prediction in predictions.cpu():
-                colors = utils.colorize(prediction).permute(1, 2, 0).numpy()
-                Image.fromarray(colors).save(out / "predictions" / f"{next(names)}.png")
-
-    amp = device.type == "cuda"
-    confusion = evaluate(
-        model, loader, device, amp, False, full_resolution=not args.at_train_size, on_batch=on_batch
-    )
-    if not is_main_process():
-        return 0
-    results = confusion.compute()
-    print(metrics.format_report(results, data.CLASSES))
-    print(f"mIoU: {results['miou']:.4f}")
-    summary = {
-        "model": str(args.model),
-        "datadir": str(datadir),
-        "areas": dataset.areas,
-        "frames": len(subset),
-        "full_resolution": not args.at_train_size,
-        **results,
-        "confusion_matrix": confusion.matrix.tolist(),
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
-    figure.savefig(out / "confusion_matrix.png", dpi=100)
-    print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
-    return 0
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -764,9 +632,9 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
 
 
 def predict(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    checkpoint = load_checkpoint(args.model)
-    model = model_from_checkpoint(checkpoint, args.model).to(device).eval()
+    device = devices.pick_device(args.device)
+    checkpoint = checkpoints.load_checkpoint(args.model)
+    model = checkpoints.model_from_checkpoint(checkpoint, args.model).to(device).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures, stems = 0, set()
@@ -821,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = HelpFormatter
+    unet = models.default_options("unet")
+    environment = f"${data.DATADIR_VARIABLE}"
 
     train_parser = commands.add_parser("train", help="train a model", formatter_class=defaults)
     train_parser.set_defaults(func=train)
@@ -828,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--datadir",
         default=None,
-        help="2D-3D-S root or cache folder (default: $STANFORD2D3DS_ROOT, else the resumed "
-        "run's, else data/stanford2d3ds)",
+        help=f"2D-3D-S root or cache folder (default: {environment}, else the resumed run's, "
+        f"else {data.DEFAULT_DATADIR})",
     )
     add("--areas", nargs="+", default=["1", "2", "3", "4", "6"], help="training areas")
     add(
@@ -840,14 +710,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--val-fraction", type=float, default=0.2, help="share of rooms held out (no --val-areas)")
     add("--model", default="unet", choices=models.available_models(), help="architecture")
-    add("--num-blocks", type=int, default=4, help="UNet: encoder blocks")
-    add("--base-chan", type=int, default=64, help="UNet: channels of the first block")
+    add("--num-blocks", type=int, help=f"UNet: encoder blocks (default {unet['num_blocks']})")
+    add(
+        "--base-chan",
+        type=int,
+        help=f"UNet: channels of the first block (default {unet['base_chan']})",
+    )
     add("--pretrained", action="store_true", help="torchvision models: ImageNet backbone")
-    add("--loss", default="ce", choices=metrics.available_losses, help="training loss")
+    add("--loss", default="ce", choices=losses.available_losses, help="training loss")
     add(
         "--weight-method",
         default="inverse_sqrt",
-        choices=metrics.available_weight_methods,
+        choices=losses.available_weight_methods,
         help="wce: how class weights follow from the pixel shares",
     )
     add("--class-weights", default=None, help="wce: pixel shares from `data.py histogram --out`")
@@ -909,8 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", required=True, help="checkpoint (best.pt or last.pt)")
     add(
         "--datadir",
-        default=os.environ.get("STANFORD2D3DS_ROOT"),
-        help="2D-3D-S root (default: $STANFORD2D3DS_ROOT, else the one the model trained on)",
+        default=None,
+        help=f"2D-3D-S root or cache folder (default: {environment}, else the one the model "
+        f"trained on, else {data.DEFAULT_DATADIR})",
     )
     add("--areas", nargs="+", default=None, help="areas to test (default: those not trained on)")
     add(
@@ -939,6 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cuda_oom_message(args: argparse.Namespace) -> str:
+    flags = [f"--batch-size {args.batch_size}"] if hasattr(args, "batch_size") else []
+    if hasattr(args, "img_size"):
+        flags.append(f"--img-size {args.img_size}")
+    return f"CUDA ran out of memory with {' and '.join(flags) or 'this input'}: lower them"
+
+
 # The message of a stub written by make_lab.py: "Q4: build ... in data.py, see LAB.md".
 LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
 
@@ -959,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return args.func(args)
-    except (data.DataError, CheckpointError, TrainingStopped, UsageError) as error:
+    except (data.DataError, CheckpointError, TrainingStopped, devices.UsageError) as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:

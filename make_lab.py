@@ -5,7 +5,7 @@
     python make_lab.py --list                                         # the marked regions
 
 The teacher edits only the solution (this folder); the student version is generated, never
-edited by hand. The five scripts mark their exercises with two comment lines:
+edited by hand. The lab's six scripts mark their exercises with two comment lines:
 
     def decode_semantic(semantic_rgb, label_table):
         (the docstring stays: it tells the student what to return)
@@ -26,7 +26,8 @@ edited by hand. The five scripts mark their exercises with two comment lines:
   raise at import). A broken marker stops the run with ``FILE:LINE: what is wrong``.
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
-The bundle holds the five scripts, LAB.md, README.md, the setup files (requirements,
+The bundle holds the six scripts, the machinery they import (cache.py, check.py,
+checkpoints.py, devices.py), LAB.md, README.md, the setup files (requirements,
 constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore), synthetic.py,
 bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py):
 the README's commands work in it, and its `bash test.sh` runs the linter and every
@@ -48,9 +49,21 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent
 
 # The scripts whose marked regions are replaced by stubs.
-SOLUTION_FILES: tuple[str, ...] = ("data.py", "models.py", "metrics.py", "main.py", "utils.py")
-# Files copied as they are; a marker in one of them is an error.
+SOLUTION_FILES: tuple[str, ...] = (
+    "data.py",
+    "models.py",
+    "metrics.py",
+    "losses.py",
+    "main.py",
+    "utils.py",
+)
+# Files copied as they are; a marker in one of them is an error. The machinery modules come
+# first: the lab's scripts import them, the handout never sends a student into them.
 COPIED_FILES: tuple[str, ...] = (
+    "cache.py",
+    "check.py",
+    "checkpoints.py",
+    "devices.py",
     "LAB.md",
     "README.md",
     "requirements.txt",

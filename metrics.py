@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix, and losses for unbalanced classes.
+"""Segmentation metrics from one confusion matrix: per-class IoU, accuracy and F1, their means.
 
 Stanford 2D-3D-S is very unbalanced: wall covers about a third of the pixels, sofa a third of
 a percent. Pixel accuracy alone therefore says little (a model that never predicts sofa loses
@@ -35,49 +35,22 @@ with TP + FP + FN > 0: the ignore class counts as 0 when it is predicted on labe
 and for accuracy so does a class that is only predicted. Counting an absent class as 0 in a
 mean would lower the mIoU of a split without sofa by 1/13 of its value.
 
-Losses
-------
-``build_loss(name, ...)`` returns ``loss(logits, targets)`` for ``logits`` (B, K, H, W) of any
-float dtype and ``targets`` (B, H, W) int64. Every loss computes in float32, gives ignored
-pixels zero weight and zero gradient, averages over the other pixels, and returns 0 (not NaN)
-for a batch whose pixels are all ignored.
-
-Run ``python metrics.py bench`` to time ``ConfusionMatrix.update`` against torchmetrics.
+The losses that train a model for these scores are in ``losses.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import math
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from data import CLASSES, IGNORE_INDEX, NUM_CLASSES
-
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-available_losses: tuple[str, ...] = ("ce", "wce", "focal", "dice", "ce+dice")
-available_weight_methods: tuple[str, ...] = ("inverse", "inverse_sqrt", "effective")
-
-# Keyword options each loss accepts in build_loss, with their defaults.
-_LOSS_OPTIONS: dict[str, dict[str, float]] = {
-    "ce": {},
-    "wce": {},
-    "focal": {"gamma": 2.0},
-    "dice": {"smooth": 1.0},
-    "ce+dice": {"smooth": 1.0},
-}
-
+from data import CLASSES, IGNORE_INDEX
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -85,7 +58,10 @@ _LOSS_OPTIONS: dict[str, dict[str, float]] = {
 
 
 def _check_class_setup(num_classes: int, ignore_index: int) -> None:
-    """Raise ValueError unless num_classes >= 2 and 0 <= ignore_index < num_classes."""
+    """Raise ValueError unless num_classes >= 2 and 0 <= ignore_index < num_classes.
+
+    Shared with losses.py, which imports it from here (metrics never imports losses).
+    """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -95,6 +71,7 @@ def _check_class_setup(num_classes: int, ignore_index: int) -> None:
 
 
 def _is_integer(tensor: torch.Tensor) -> bool:
+    """True for integer dtypes (bool excluded): the dtypes of class ids. Used by losses.py too."""
     return not (
         tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool
     )
@@ -319,362 +296,3 @@ def confusion_matrix_figure(
         color = "white" if value > 0.5 else "black"
         axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", color=color, fontsize=7)
     return figure
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-
-def _check_loss_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """Raise ValueError unless logits are float (B, K, H, W) and targets integer (B, H, W)."""
-    if not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
-    if not _is_integer(targets):
-        raise ValueError(f"targets must hold integer class ids, got {targets.dtype}")
-    if (
-        logits.dim() != targets.dim() + 1
-        or logits.shape[0] != targets.shape[0]
-        or (logits.shape[2:] != targets.shape[1:])
-    ):
-        raise ValueError(
-            f"logits (B, K, H, W) and targets (B, H, W) do not match: {tuple(logits.shape)} "
-            f"vs {tuple(targets.shape)}"
-        )
-
-
-def _per_pixel_weights(
-    weights: torch.Tensor | Sequence[float] | None, targets: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """(B, H, W) float32 weight of each pixel: weights[target], or 1, and 0 where not valid."""
-    if weights is None:
-        return valid.float()
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=targets.device)
-    return weights[targets] * valid
-
-
-def _safe_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
-    """total / weight_sum, but 0 when weight_sum is 0 (all pixels ignored): 0/0 would be NaN."""
-    return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
-
-
-def cross_entropy_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    class_weights: torch.Tensor | Sequence[float] | None = None,
-) -> torch.Tensor:
-    """Cross-entropy averaged over non-ignored pixels; 0-dim float32.
-
-    logits (B, K, H, W) float, targets (B, H, W) int64. With class_weights (K,), the sum of
-    weighted pixel losses is divided by the sum of the weights of the non-ignored pixels, as
-    ``F.cross_entropy(weight=..., reduction="mean")`` does.
-    """
-    _check_loss_inputs(logits, targets)
-    logits, targets = logits.float(), targets.long()
-    if class_weights is not None:
-        class_weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
-    pixel_weights = _per_pixel_weights(class_weights, targets, targets != ignore_index)
-    pixel_losses = F.cross_entropy(
-        logits, targets, weight=class_weights, ignore_index=ignore_index, reduction="none"
-    )
-    return _safe_mean(pixel_losses.sum(), pixel_weights.sum())
-
-
-def focal_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    gamma: float = 2.0,
-    alpha: torch.Tensor | Sequence[float] | None = None,
-) -> torch.Tensor:
-    """Softmax focal loss (Lin et al. 2017), averaged over non-ignored pixels; 0-dim float32.
-
-    Pixel loss: -alpha[t] * (1 - p_t)**gamma * log p_t, with p_t the softmax probability of
-    the true class t. gamma = 0 gives cross-entropy. With per-class alpha (K,), the mean is
-    divided by the sum of alpha over the non-ignored pixels, so gamma = 0 gives the weighted
-    cross-entropy of ``cross_entropy_loss(class_weights=alpha)`` exactly.
-    """
-    _check_loss_inputs(logits, targets)
-    if gamma < 0:
-        raise ValueError(f"focal loss needs gamma >= 0, got {gamma}")
-    targets = targets.long()
-    valid = targets != ignore_index
-    log_p_true = F.log_softmax(logits.float(), dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
-    pixel_losses = -log_p_true
-    if gamma != 0:
-        # 1 - p_t as -expm1(log p_t) stays accurate when p_t is close to 1. The clamp keeps
-        # pow's gradient finite at p_t == 1 when gamma < 1.
-        one_minus_p = (-torch.expm1(log_p_true)).clamp_min(torch.finfo(torch.float32).tiny)
-        pixel_losses = one_minus_p.pow(gamma) * pixel_losses
-    pixel_weights = _per_pixel_weights(alpha, targets, valid)
-    pixel_losses = torch.where(valid, pixel_losses * pixel_weights, 0.0)
-    return _safe_mean(pixel_losses.sum(), pixel_weights.sum())
-
-
-def dice_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    smooth: float = 1.0,
-) -> torch.Tensor:
-    """Soft multiclass Dice loss from softmax probabilities; 0-dim float32.
-
-    Per class c, summed over all non-ignored pixels of the batch (not per image):
-    dice_c = (2 * sum(p_c * y_c) + smooth) / (sum(p_c) + sum(y_c) + smooth), y the one-hot
-    target. The loss is 1 - mean of dice_c over the classes other than ignore_index. The
-    smoothing term (in pixels) makes a class absent from the batch score 1 instead of 0/0
-    when the model gives it no probability, and a fully ignored batch a loss of 0.
-    """
-    _check_loss_inputs(logits, targets)
-    num_classes = logits.shape[1]
-    targets = targets.long()
-    valid = (targets != ignore_index).unsqueeze(1).float()  # (B, 1, H, W)
-    probs = F.softmax(logits.float(), dim=1) * valid
-    # scatter_ rather than F.one_hot, which checks the ids' range by reading them on the host.
-    one_hot = torch.zeros_like(probs).scatter_(1, targets.unsqueeze(1), 1.0) * valid
-    sum_dims = (0, *range(2, probs.dim()))
-    intersection = (probs * one_hot).sum(dim=sum_dims)
-    cardinality = probs.sum(dim=sum_dims) + one_hot.sum(dim=sum_dims)
-    dice = (2 * intersection + smooth) / (cardinality + smooth)  # (K,)
-    mean_dice = (dice.sum() - dice[ignore_index]) / (num_classes - 1)
-    return 1 - mean_dice
-
-
-def _as_class_weights(class_weights: object, num_classes: int) -> torch.Tensor | None:
-    """Validate per-class weights; return them as a (K,) float32 tensor (or None)."""
-    if class_weights is None:
-        return None
-    weights = torch.as_tensor(class_weights, dtype=torch.float32).detach().clone()
-    if weights.shape != (num_classes,):
-        raise ValueError(
-            f"class_weights must have one value per class ({num_classes}), "
-            f"got shape {tuple(weights.shape)}"
-        )
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
-    return weights
-
-
-def build_loss(
-    name: str,
-    num_classes: int,
-    ignore_index: int = IGNORE_INDEX,
-    class_weights: Sequence[float] | torch.Tensor | None = None,
-    **options: float,
-) -> Loss:
-    """Return ``loss(logits, targets) -> 0-dim float32`` for one of ``available_losses``.
-
-    logits (B, K, H, W) any float dtype, targets (B, H, W) int64. ``class_weights`` (K,):
-    required by "wce", used as per-class alpha by "focal", weights the cross-entropy term of
-    "ce+dice", refused by "ce" and "dice". Options: ``gamma`` (focal, default 2),
-    ``smooth`` (dice and ce+dice, default 1).
-    """
-    if name not in available_losses:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(available_losses)}")
-    _check_class_setup(num_classes, ignore_index)
-    unknown = sorted(set(options) - set(_LOSS_OPTIONS[name]))
-    if unknown:
-        accepted = ", ".join(_LOSS_OPTIONS[name]) or "none"
-        raise ValueError(f"loss {name!r} got unknown options {unknown}; it accepts: {accepted}")
-    settings = {**_LOSS_OPTIONS[name], **options}
-    weights = _as_class_weights(class_weights, num_classes)
-    if name == "wce" and weights is None:
-        raise ValueError(
-            "loss 'wce' needs class_weights, e.g. from class_weights_from_frequencies()"
-        )
-    if name in ("ce", "dice") and weights is not None:
-        raise ValueError(f"loss {name!r} takes no class_weights; use 'wce', 'focal' or 'ce+dice'")
-    if name == "focal" and not settings["gamma"] >= 0:
-        raise ValueError(f"focal loss needs gamma >= 0, got {settings['gamma']}")
-    if name in ("dice", "ce+dice") and not settings["smooth"] > 0:
-        raise ValueError(f"dice smoothing must be > 0, got {settings['smooth']}")
-
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if logits.dim() < 2 or logits.shape[1] != num_classes:
-            raise ValueError(
-                f"loss built for {num_classes} classes got logits of shape {tuple(logits.shape)}"
-            )
-        if name == "focal":
-            return focal_loss(logits, targets, ignore_index, settings["gamma"], weights)
-        total = logits.new_zeros((), dtype=torch.float32)
-        if name in ("ce", "wce", "ce+dice"):
-            total = total + cross_entropy_loss(logits, targets, ignore_index, weights)
-        if name in ("dice", "ce+dice"):
-            total = total + dice_loss(logits, targets, ignore_index, settings["smooth"])
-        return total
-
-    return loss
-
-
-def class_weights_from_frequencies(
-    freqs: Sequence[float] | torch.Tensor,
-    method: str = "inverse_sqrt",
-    beta: float = 0.999,
-    ignore_index: int = IGNORE_INDEX,
-    num_samples: float = 10_000,
-) -> torch.Tensor:
-    """Per-class loss weights from pixel frequencies; returns (K,) float32.
-
-    freqs: K pixel shares (or counts) per class, e.g. the share list of ``data.py histogram``.
-    They are renormalised over the classes other than ignore_index. Methods, for share f_c:
-    ``inverse`` 1 / f_c; ``inverse_sqrt`` 1 / sqrt(f_c); ``effective`` (Cui et al. 2019)
-    (1 - beta) / (1 - beta**n_c), with n_c = f_c * num_samples samples. Neighbouring pixels
-    are far from independent, so n_c is not the raw pixel count: the default treats the data
-    as 10 000 samples, and with beta = 0.999 the effective number saturates near 1000, so
-    classes above about 10 % get similar weights while rare ones approach inverse frequency.
-
-    The weights have mean 1 over the classes other than ignore_index, which gets 0. A class
-    with frequency 0 gets the largest weight of the observed classes: it is at least as rare,
-    and a weight of 0 would silence it if it appears in the data trained on.
-    """
-    if method not in available_weight_methods:
-        raise ValueError(
-            f"unknown method {method!r}; available: {', '.join(available_weight_methods)}"
-        )
-    shares = torch.as_tensor(freqs, dtype=torch.float64).detach().clone()
-    if shares.dim() != 1 or shares.numel() < 2:
-        raise ValueError(
-            f"freqs must be a flat list of per-class values, got {tuple(shares.shape)}"
-        )
-    _check_class_setup(shares.numel(), ignore_index)
-    if not torch.isfinite(shares).all() or (shares < 0).any():
-        raise ValueError(f"freqs must be finite and >= 0, got {shares.tolist()}")
-    if method == "effective" and not 0 < beta < 1:
-        raise ValueError(f"beta must be in (0, 1), got {beta}")
-    if method == "effective" and not num_samples > 0:
-        raise ValueError(f"num_samples must be > 0, got {num_samples}")
-
-    # >>> Q12: compute the class weights
-    weighted = torch.ones_like(shares, dtype=torch.bool)
-    weighted[ignore_index] = False
-    if shares[weighted].sum() <= 0:
-        raise ValueError("freqs are all zero outside ignore_index: no class to weight")
-    shares = shares / shares[weighted].sum()
-    observed = weighted & (shares > 0)
-    weights = torch.zeros_like(shares)
-    if method == "inverse":
-        weights[observed] = 1 / shares[observed]
-    elif method == "inverse_sqrt":
-        weights[observed] = 1 / shares[observed].sqrt()
-    else:
-        # 1 - beta**n written with expm1 stays accurate when beta**n is close to 1.
-        effective_number = -torch.expm1(shares[observed] * num_samples * math.log(beta))
-        weights[observed] = (1 - beta) / effective_number
-    weights[weighted & ~observed] = weights[observed].max()
-    return (weights / weights[weighted].mean()).float()
-    # <<< Q12
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------
-
-
-def median_seconds(
-    step: Callable[[], object],
-    device: torch.device,
-    seconds: float = math.inf,
-    max_runs: int = 20,
-) -> float:
-    """Median wall time of `step()` after one warm-up call: at least one timed run, more
-    until `seconds` have passed or `max_runs` are done. On CUDA the clock waits for the
-    device, whose work is otherwise only queued."""
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    timed()
-    times = [timed()]
-    while sum(times) < seconds and len(times) < max_runs:
-        times.append(timed())
-    return statistics.median(times)
-
-
-def benchmark_update(
-    batch_size: int = 16,
-    size: int = 256,
-    repeats: int = 20,
-    num_classes: int = NUM_CLASSES,
-    device: str = "cpu",
-) -> list[dict[str, float | str]]:
-    """Time one update with a (batch_size, size, size) batch of class ids, ours vs torchmetrics.
-
-    Returns one row per implementation: ``name``, ``ms`` (median per update) and ``ratio``
-    (its time / ours). torchmetrics is optional: without it only ours is timed.
-    """
-    if batch_size < 1 or size < 1 or repeats < 1:
-        raise ValueError("batch_size, size and repeats must all be >= 1")
-    torch_device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    shape = (batch_size, size, size)
-    targets = torch.randint(0, num_classes, shape, generator=generator).to(torch_device)
-    preds = torch.randint(0, num_classes, shape, generator=generator).to(torch_device)
-
-    ours = ConfusionMatrix(num_classes, IGNORE_INDEX)
-    candidates: list[tuple[str, Callable[[], object]]] = [
-        ("ConfusionMatrix (ours)", lambda: ours.update(preds, targets))
-    ]
-    try:
-        from torchmetrics.classification import MulticlassJaccardIndex
-    except ImportError:
-        print("torchmetrics is not installed: timing ours only (pip install torchmetrics)")
-    else:
-        for validate in (True, False):
-            metric = MulticlassJaccardIndex(
-                num_classes, average=None, ignore_index=IGNORE_INDEX, validate_args=validate
-            ).to(torch_device)
-            name = f"torchmetrics MulticlassJaccardIndex (validate_args={validate})"
-            candidates.append((name, functools.partial(metric.update, preds, targets)))
-
-    rows: list[dict[str, float | str]] = []
-    for name, step in candidates:
-        ms = 1000 * median_seconds(step, torch_device, max_runs=repeats)
-        rows.append({"name": name, "ms": ms})
-    for row in rows:
-        row["ratio"] = row["ms"] / rows[0]["ms"]
-    return rows
-
-
-def format_benchmark(rows: list[dict[str, float | str]]) -> str:
-    """Text table of benchmark_update rows."""
-    width = max(len(str(row["name"])) for row in rows)
-    lines = [f"{'implementation':<{width}}  {'ms/update':>9}  {'x ours':>6}"]
-    lines += [f"{row['name']:<{width}}  {row['ms']:>9.2f}  {row['ratio']:>6.2f}" for row in rows]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Segmentation metrics: benchmark tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time ConfusionMatrix.update against torchmetrics")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--size", type=int, default=256, help="image height and width")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: unknown device {args.device!r} (try cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
-    try:
-        rows = benchmark_update(args.batch_size, args.size, args.repeats, device=args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    print(
-        f"one update of a {args.batch_size}x{args.size}x{args.size} batch, "
-        f"{NUM_CLASSES} classes, on {args.device}:"
-    )
-    print(format_benchmark(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-AREAS = ("1", "2", "3", "4", "5a", "5b", "6")
+from data import AREAS, LABELS_FILE, Frame
+
 ROOM_TYPES = ("office", "office", "office", "hallway", "conferenceRoom", "storage", "WC", "lounge")
 NO_DATA_COLOR = (13, 13, 13)  # #0D0D0D, index 855,309: past the end of the label list
 NEAR_PLANE = 0.05  # meters in front of the camera; closer geometry is clipped
@@ -552,8 +553,8 @@ def generate(
         }
     )
     labels = ["<UNK>_0_<UNK>_0_0", *labels]
-    (out / "assets").mkdir(parents=True, exist_ok=True)
-    (out / "assets" / "semantic_labels.json").write_text(json.dumps(labels))
+    (out / LABELS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (out / LABELS_FILE).write_text(json.dumps(labels))
     label_index = {label: index for index, label in enumerate(labels)}
 
     from tqdm import tqdm
@@ -561,15 +562,14 @@ def generate(
     total = sum(len(views) for _, _, views, _ in layouts)
     bar = tqdm(total=total, desc="synthetic frames", disable=not progress)
     for area, room, views, rng in layouts:
-        rgb_dir = out / f"area_{area}" / "data" / "rgb"
-        semantic_dir = rgb_dir.parent / "semantic"
-        rgb_dir.mkdir(parents=True, exist_ok=True)
-        semantic_dir.mkdir(parents=True, exist_ok=True)
-        for frame, (camera_id, camera, yaw, pitch) in enumerate(views):
+        for index, (camera_id, camera, yaw, pitch) in enumerate(views):
             rgb, semantic = render(room, label_index, camera, yaw, pitch, size, rng)
-            name = f"camera_{camera_id}_{room.room_type}_{room.room_num}_frame_{frame}"
-            Image.fromarray(rgb).save(rgb_dir / f"{name}_domain_rgb.png")
-            Image.fromarray(semantic).save(semantic_dir / f"{name}_domain_semantic.png")
+            name = f"camera_{camera_id}_{room.room_type}_{room.room_num}_frame_{index}"
+            frame = Frame.at(out, area, name)
+            frame.rgb_path.parent.mkdir(parents=True, exist_ok=True)
+            frame.semantic_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(frame.rgb_path)
+            Image.fromarray(semantic).save(frame.semantic_path)
             bar.update()
     bar.close()
 

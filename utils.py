@@ -1,7 +1,6 @@
-"""Colors for the 14 classes and helpers that turn masks into pictures.
+"""Pictures of masks: colorized class ids, overlays, legends and comparison grids.
 
-The class names live in data.py (``CLASSES``); their display colors live here, in the
-same order, and nowhere else.
+Each class's color is defined once, beside its name, in `data.CLASS_COLORS`.
 """
 
 from __future__ import annotations
@@ -9,30 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# One RGB color per class, in the order of data.CLASSES. <UNK> is black so that ignored
-# pixels read as "no label" in every figure.
-CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),  # <UNK>
-    (255, 187, 120),  # beam
-    (23, 190, 207),  # board
-    (148, 103, 189),  # bookcase
-    (174, 199, 232),  # ceiling
-    (214, 39, 40),  # chair
-    (127, 127, 127),  # clutter
-    (188, 189, 34),  # column
-    (140, 86, 75),  # door
-    (44, 160, 44),  # floor
-    (227, 119, 194),  # sofa
-    (255, 127, 14),  # table
-    (31, 119, 180),  # wall
-    (152, 223, 138),  # window
-)
+from data import CLASS_COLORS
 
 
 def colorize(mask: torch.Tensor) -> torch.Tensor:
     """Class ids to colors: `(H, W)` or `(B, H, W)` int -> `(3, H, W)` or `(B, 3, H, W)` uint8."""
-    palette = torch.tensor(CLASS_COLORS, dtype=torch.uint8, device=mask.device)
-    colors = palette[mask.long().clamp(0, len(CLASS_COLORS) - 1)]  # (..., H, W, 3)
+    palette = torch.tensor(list(CLASS_COLORS.values()), dtype=torch.uint8, device=mask.device)
+    colors = palette[mask.long().clamp(0, len(palette) - 1)]  # (..., H, W, 3)
     return colors.movedim(-1, -3).contiguous()
 
 
@@ -47,15 +29,14 @@ def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torc
     return blended.round().clamp(0, 255).to(torch.uint8)
 
 
-def legend_handles(class_names: tuple[str, ...] | None = None) -> list:
-    """Matplotlib patches, one per class, for `figure.legend(handles=...)`."""
+def legend_handles() -> list:
+    """Matplotlib patches, one per class in the order of data.CLASSES, for
+    `figure.legend(handles=...)`."""
     from matplotlib.patches import Patch
 
-    if class_names is None:
-        from data import CLASSES as class_names
     return [
         Patch(facecolor=np.array(color) / 255.0, edgecolor="black", label=name)
-        for name, color in zip(class_names, CLASS_COLORS, strict=True)
+        for name, color in CLASS_COLORS.items()
     ]
 
 

@@ -1,7 +1,8 @@
-"""The pre-decoded cache of data.py: round trip, refusals, augmentations, training on it."""
+"""The pre-decoded cache of cache.py: round trip, refusals, augmentations, training on it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import shutil
@@ -14,6 +15,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 import bench
+import cache
 import data
 
 CACHE_SIZE = 32  # the synthetic frames are 64x64: the cache halves them
@@ -22,7 +24,7 @@ CACHE_SIZE = 32  # the synthetic frames are 64x64: the cache halves them
 @pytest.fixture(scope="module")
 def cache_root(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "c32"
-    data.write_cache(synthetic_root, out, CACHE_SIZE, progress=False)
+    cache.write_cache(synthetic_root, out, CACHE_SIZE, progress=False)
     return out
 
 
@@ -59,9 +61,9 @@ def write_stripes_tree(root: Path, size: int = 64, frames: int = 3) -> Path:
 
 def test_cached_samples_equal_raw_samples_resized_for_evaluation(synthetic_root, cache_root):
     areas = ["2", "1"]  # not sorted: both keep the requested order
-    cached = data.open_dataset(cache_root, areas)
+    cached = cache.open_dataset(cache_root, areas)
     raw = data.StanfordDataset(synthetic_root, areas, data.eval_transforms(CACHE_SIZE))
-    assert isinstance(cached, data.CachedDataset)
+    assert isinstance(cached, cache.CachedDataset)
     assert cached.frames == raw.frames and cached.areas == raw.areas == ["1", "2"]
     for index in range(len(raw)):
         image, mask = cached[index]
@@ -70,21 +72,24 @@ def test_cached_samples_equal_raw_samples_resized_for_evaluation(synthetic_root,
         assert mask.shape == (CACHE_SIZE, CACHE_SIZE) and mask.dtype == torch.uint8
         assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask)
         assert torch.equal(cached.label_mask(index), mask)
-    assert cached.bad_paths() == []
 
 
 def test_a_raw_root_still_opens_as_a_stanford_dataset(synthetic_root):
-    assert isinstance(data.open_dataset(synthetic_root, ["1"]), data.StanfordDataset)
+    assert isinstance(cache.open_dataset(synthetic_root, ["1"]), data.StanfordDataset)
 
 
 def test_get_datasets_on_a_cache_matches_the_raw_splits(synthetic_root, cache_root):
-    train_set, val_set = data.get_datasets(cache_root, ["1", "2"], ["5a"], img_size=24)
-    assert isinstance(train_set.dataset, data.CachedDataset)
+    train_set, val_set = data.get_datasets(
+        cache_root, ["1", "2"], ["5a"], img_size=24, open_dataset=cache.open_dataset
+    )
+    assert isinstance(train_set.dataset, cache.CachedDataset)
     assert (len(train_set), len(val_set)) == (12, 6)
     image, mask = train_set[0]
     assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.uint8
     # Held-out rooms: the same frames as from the raw tree.
-    cached_split = data.get_datasets(cache_root, ["1", "2"], img_size=CACHE_SIZE)
+    cached_split = data.get_datasets(
+        cache_root, ["1", "2"], img_size=CACHE_SIZE, open_dataset=cache.open_dataset
+    )
     raw_split = data.get_datasets(synthetic_root, ["1", "2"], img_size=CACHE_SIZE)
     for cached_subset, raw_subset in zip(cached_split, raw_split, strict=True):
         assert cached_subset.indices == raw_subset.indices
@@ -94,7 +99,7 @@ def test_get_datasets_on_a_cache_matches_the_raw_splits(synthetic_root, cache_ro
 
 
 def test_cached_dataset_pickles_without_its_arrays_and_loads_in_workers(cache_root):
-    dataset = data.CachedDataset(cache_root, ["1"])
+    dataset = cache.CachedDataset(cache_root, ["1"])
     first = dataset[0]
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy.arrays_by_area == {} and dataset.arrays_by_area != {}
@@ -111,8 +116,8 @@ def test_cached_dataset_pickles_without_its_arrays_and_loads_in_workers(cache_ro
 def test_train_transforms_on_a_cache_keep_image_and_mask_aligned(tmp_path):
     root = write_stripes_tree(tmp_path / "stripes")
     out = tmp_path / "cache"
-    data.write_cache(root, out, 48, progress=False)
-    dataset = data.CachedDataset(out, transforms=data.train_transforms(32))
+    cache.write_cache(root, out, 48, progress=False)
+    dataset = cache.CachedDataset(out, transforms=data.train_transforms(32))
     torch.manual_seed(0)
     flipped = 0
     for _ in range(4):
@@ -129,9 +134,9 @@ def test_train_transforms_on_a_cache_keep_image_and_mask_aligned(tmp_path):
 
 
 def test_color_jitter_on_a_cache_changes_only_the_image(cache_root):
-    plain = data.CachedDataset(cache_root, ["1"])
+    plain = cache.CachedDataset(cache_root, ["1"])
     jitter = T.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5)
-    jittered = data.CachedDataset(cache_root, ["1"], jitter)
+    jittered = cache.CachedDataset(cache_root, ["1"], jitter)
     torch.manual_seed(0)
     image, mask = jittered[0]
     assert not torch.equal(image, plain[0][0]) and torch.equal(mask, plain[0][1])
@@ -143,27 +148,28 @@ def test_color_jitter_on_a_cache_changes_only_the_image(cache_root):
 
 def test_image_size_larger_than_the_cache_is_refused(cache_root):
     with pytest.raises(data.DataError, match=f"holds {CACHE_SIZE}x{CACHE_SIZE} frames.*--size"):
-        data.get_datasets(cache_root, ["1"], ["2"], img_size=CACHE_SIZE * 2)
+        opener = functools.partial(cache.open_dataset, img_size=CACHE_SIZE * 2)  # as main.py
+        data.get_datasets(cache_root, ["1"], ["2"], img_size=CACHE_SIZE * 2, open_dataset=opener)
 
 
 def test_area_missing_from_the_cache_is_refused(synthetic_root, tmp_path):
     out = tmp_path / "cache"
-    data.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
+    cache.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
     with pytest.raises(data.DataError, match=r"area '2' is not in the cache .*cached areas: 1"):
-        data.get_datasets(out, ["1"], ["2"], img_size=16)
+        data.get_datasets(out, ["1"], ["2"], img_size=16, open_dataset=cache.open_dataset)
 
 
 def test_changed_label_file_makes_the_cache_stale(synthetic_root, tmp_path):
     root = copy_tree(synthetic_root, tmp_path / "data")
     out = tmp_path / "cache"
-    data.write_cache(root, out, 16, areas=["1"], progress=False)
+    cache.write_cache(root, out, 16, areas=["1"], progress=False)
     labels = json.loads((root / data.LABELS_FILE).read_text())
     (root / data.LABELS_FILE).write_text(json.dumps([*labels, "chair_99_office_1_1"]))
     with pytest.raises(data.DataError, match="stale.*semantic_labels.json changed.*rebuild"):
-        data.open_dataset(out)
+        cache.open_dataset(out)
     # Without its source (a cache copied to another machine) the cache is used as it is.
     shutil.rmtree(root)
-    assert len(data.open_dataset(out)) == 6
+    assert len(cache.open_dataset(out)) == 6
 
 
 @pytest.mark.parametrize(
@@ -178,11 +184,11 @@ def test_changed_label_file_makes_the_cache_stale(synthetic_root, tmp_path):
 )
 def test_damaged_or_mismatched_cache_is_refused(synthetic_root, tmp_path, damage, message):
     out = tmp_path / "cache"
-    data.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
-    manifest_path = out / data.CACHE_MANIFEST
+    cache.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
+    manifest_path = out / cache.CACHE_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     if damage == "truncate":
-        images = out / "area_1" / data.CACHE_IMAGES
+        images = out / "area_1" / cache.CACHE_IMAGES
         images.write_bytes(images.read_bytes()[:-100])
     elif damage == "version":
         manifest_path.write_text(json.dumps({**manifest, "version": 0}))
@@ -193,12 +199,12 @@ def test_damaged_or_mismatched_cache_is_refused(synthetic_root, tmp_path, damage
     else:
         manifest_path.unlink()
     with pytest.raises(data.DataError, match=message):
-        data.open_dataset(out, ["1"])
+        cache.open_dataset(out, ["1"])
 
 
 def test_interrupted_cache_run_leaves_no_manifest(synthetic_root, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    data.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
+    cache.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
     load = data.StanfordDataset.load
 
     def load_then_stop(self, index):
@@ -208,23 +214,23 @@ def test_interrupted_cache_run_leaves_no_manifest(synthetic_root, tmp_path, monk
 
     monkeypatch.setattr(data.StanfordDataset, "load", load_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        data.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
-    assert not (out / data.CACHE_MANIFEST).exists()
+        cache.write_cache(synthetic_root, out, 16, areas=["1"], progress=False)
+    assert not (out / cache.CACHE_MANIFEST).exists()
     with pytest.raises(data.DataError, match="interrupted"):
-        data.open_dataset(out)
+        cache.open_dataset(out)
 
 
 def test_unreadable_frame_stops_the_cache_or_is_left_out(synthetic_root, tmp_path):
     root = copy_tree(synthetic_root, tmp_path / "data")
     broken = sorted((root / "area_1" / "data" / "rgb").iterdir())[2]
     broken.write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match=f"cannot read {broken}.*data.py check"):
-        data.write_cache(root, tmp_path / "strict", 16, areas=["1"], progress=False)
-    manifest = data.write_cache(
+    with pytest.raises(data.DataError, match=f"cannot read {broken}.*check.py"):
+        cache.write_cache(root, tmp_path / "strict", 16, areas=["1"], progress=False)
+    manifest = cache.write_cache(
         root, tmp_path / "lenient", 16, areas=["1"], skip_bad=True, progress=False
     )
     assert manifest["skipped"] == [str(broken)]
-    dataset = data.open_dataset(tmp_path / "lenient")
+    dataset = cache.open_dataset(tmp_path / "lenient")
     assert len(dataset) == 5 and broken not in [frame.rgb_path for frame in dataset.frames]
 
 
@@ -234,14 +240,14 @@ def test_unreadable_frame_stops_the_cache_or_is_left_out(synthetic_root, tmp_pat
 
 def test_cache_command_writes_rewrites_and_protects_other_folders(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cache"
-    args = ["cache", "--datadir", str(synthetic_root), "--out", str(out), "--size", "16"]
-    assert data.main([*args, "--areas", "1", "2"]) == 0
+    args = ["write", "--datadir", str(synthetic_root), "--out", str(out), "--size", "16"]
+    assert cache.main([*args, "--areas", "1", "2"]) == 0
     assert "wrote 12 frames of areas 1, 2 at 16x16" in capsys.readouterr().out
-    assert data.main([*args, "--areas", "5a"]) == 0  # replaces the earlier cache
-    assert sorted(p.name for p in out.iterdir()) == ["area_5a", data.CACHE_MANIFEST]
-    assert data.open_dataset(out).areas == ["5a"]
+    assert cache.main([*args, "--areas", "5a"]) == 0  # replaces the earlier cache
+    assert sorted(p.name for p in out.iterdir()) == ["area_5a", cache.CACHE_MANIFEST]
+    assert cache.open_dataset(out).areas == ["5a"]
     before = sorted(synthetic_root.rglob("*"))
-    assert data.main([*args[:3], "--out", str(synthetic_root), "--size", "16"]) == 2
+    assert cache.main([*args[:3], "--out", str(synthetic_root), "--size", "16"]) == 2
     assert "not part of a cache" in capsys.readouterr().err
     assert sorted(synthetic_root.rglob("*")) == before
 
@@ -269,10 +275,10 @@ def test_training_on_a_cache_directory(cache_root, tmp_path):
     assert scores["areas"] == ["5a"] and scores["frames"] == 6
     assert sum(scores["support"]) <= 6 * CACHE_SIZE * CACHE_SIZE
     hist = tmp_path / "hist.json"
-    assert data.main(["histogram", "--datadir", str(cache_root), "--out", str(hist)]) == 0
+    assert cache.main(["histogram", "--datadir", str(cache_root), "--out", str(hist)]) == 0
     assert json.loads(hist.read_text())["frames"] == 18
     picture = tmp_path / "show.png"
-    assert data.main(["show", "--datadir", str(cache_root), "--out", str(picture)]) == 0
+    assert cache.main(["show", "--datadir", str(cache_root), "--out", str(picture)]) == 0
     assert picture.is_file()
 
 

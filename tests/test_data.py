@@ -13,6 +13,7 @@ from conftest import REAL_LABELS
 from PIL import Image
 from torchvision import tv_tensors
 
+import check
 import data
 import synthetic
 
@@ -266,7 +267,8 @@ def test_dataloader_batches(synthetic_root):
     assert sum(len(batch[0]) for batch in val_loader) == 6
     normalized = data.normalize(images)
     assert normalized.dtype == torch.float32
-    assert torch.equal(data.denormalize(normalized), images)
+    mean, std = torch.tensor(data.MEAN).view(1, 3, 1, 1), torch.tensor(data.STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalized * std + mean, images / 255.0, atol=1e-6)
 
 
 def test_room_split_loaders_without_val_areas(synthetic_root):
@@ -317,11 +319,11 @@ def test_synthetic_histogram_and_show_commands(tmp_path, capsys):
 
 def test_check_command_reports_bad_files(tmp_path, capsys):
     root = make_tree(tmp_path, frames_per_area=3)
-    assert data.main(["check", "--datadir", str(root)]) == 0
+    assert check.main(["--datadir", str(root)]) == 0
     rgb_files = sorted((root / "area_1/data/rgb").iterdir())
     rgb_files[0].write_bytes(rgb_files[0].read_bytes()[: rgb_files[0].stat().st_size // 2])
     semantic = root / "area_1/data/semantic" / rgb_files[1].name.replace("rgb", "semantic")
     semantic.unlink()
-    assert data.main(["check", "--datadir", str(root)]) == 1
+    assert check.main(["--datadir", str(root)]) == 1
     out = capsys.readouterr().out
     assert rgb_files[0].name in out and semantic.name in out

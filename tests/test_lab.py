@@ -29,6 +29,7 @@ from torch import nn
 from torchvision import tv_tensors
 
 import data
+import losses
 import main
 import metrics
 import models
@@ -704,9 +705,9 @@ def normalized(raw: list[float]) -> list[float]:
 def test_q12_inverse_and_inverse_sqrt_weights():
     # The share of class 0 (ignored) does not count: the others are 1/2, 1/4, 1/4.
     freqs = [0.1, 0.45, 0.225, 0.225]
-    weights = metrics.class_weights_from_frequencies(freqs, method="inverse")
+    weights = losses.class_weights_from_frequencies(freqs, method="inverse")
     expect_weights(weights, normalized([2.0, 4.0, 4.0]), "inverse")
-    weights = metrics.class_weights_from_frequencies(freqs, method="inverse_sqrt")
+    weights = losses.class_weights_from_frequencies(freqs, method="inverse_sqrt")
     expect_weights(weights, normalized([math.sqrt(2), 2.0, 2.0]), "inverse_sqrt")
 
 
@@ -714,7 +715,7 @@ def test_q12_inverse_and_inverse_sqrt_weights():
 def test_q12_effective_number_weights():
     freqs = [0.0, 0.5, 0.25, 0.25]
     beta, num_samples = 0.99, 100
-    weights = metrics.class_weights_from_frequencies(
+    weights = losses.class_weights_from_frequencies(
         freqs, method="effective", beta=beta, num_samples=num_samples
     )
     raw = [(1 - beta) / (1 - beta ** (share * num_samples)) for share in freqs[1:]]
@@ -723,7 +724,7 @@ def test_q12_effective_number_weights():
 
 @self_check
 def test_q12_unseen_class_gets_the_largest_weight():
-    weights = metrics.class_weights_from_frequencies([5, 800, 200, 0], method="inverse")
+    weights = losses.class_weights_from_frequencies([5, 800, 200, 0], method="inverse")
     expect_weights(weights, normalized([1.25, 5.0, 5.0]), "inverse, from pixel counts")
 
 

@@ -1,4 +1,5 @@
-"""metrics.py: confusion-matrix scores against brute force and torchmetrics, losses, figures."""
+"""metrics.py: confusion-matrix scores against brute force and torchmetrics, the report and
+figure; and bench.py's timing of the metric update."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
+import bench
 import data
 import metrics
 
@@ -269,16 +271,17 @@ def test_all_reduce_without_distributed_is_a_no_op() -> None:
     assert torch.equal(matrix.matrix, before)
 
 
-# Runs in two fresh processes that import only metrics, which keeps start-up short.
+# Runs in two fresh processes that import only data and metrics, which keeps start-up short.
 ALL_REDUCE_WORKER = """
 import sys
 import torch
 import torch.distributed as dist
+import data
 import metrics
 
 rank, folder = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
-matrix = metrics.ConfusionMatrix(metrics.NUM_CLASSES)
+matrix = metrics.ConfusionMatrix(data.NUM_CLASSES)
 preds, targets = torch.load(f"{folder}/batch{rank}.pt")
 matrix.update(preds, targets)
 matrix.all_reduce()
@@ -390,231 +393,30 @@ def test_confusion_matrix_figure_rejects_bad_shapes() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-WEIGHTS = torch.linspace(0.5, 2.0, K)
-
-
-def loss_batch(
-    seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 3.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (2, K, 5, 6) leaf tensor with grad, targets (2, 5, 6) int64 with ignored pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = (scale * torch.randn(2, K, 5, 6, generator=generator)).to(dtype).requires_grad_()
-    targets = torch.randint(0, K, (2, 5, 6), generator=generator)
-    targets[0, :2] = IGNORE
-    return logits, targets
-
-
-def make_loss(name: str, **options: float) -> metrics.Loss:
-    weights = WEIGHTS if name in ("wce", "focal", "ce+dice") else None
-    return metrics.build_loss(name, K, IGNORE, class_weights=weights, **options)
-
-
-def test_cross_entropy_follows_pytorch_conventions() -> None:
-    logits, targets = loss_batch()
-    ce = metrics.build_loss("ce", K)(logits, targets)
-    wce = metrics.build_loss("wce", K, class_weights=WEIGHTS)(logits, targets)
-    ones = metrics.build_loss("wce", K, class_weights=[1.0] * K)(logits, targets)
-    torch.testing.assert_close(ce, F.cross_entropy(logits, targets, ignore_index=IGNORE))
-    torch.testing.assert_close(
-        wce, F.cross_entropy(logits, targets, weight=WEIGHTS, ignore_index=IGNORE)
-    )
-    torch.testing.assert_close(ones, ce)
-
-
-def test_focal_with_gamma_zero_is_cross_entropy() -> None:
-    logits, targets = loss_batch(1)
-    ce = metrics.build_loss("ce", K)(logits, targets)
-    wce = metrics.build_loss("wce", K, class_weights=WEIGHTS)(logits, targets)
-    focal = metrics.build_loss("focal", K, gamma=0.0)(logits, targets)
-    weighted_focal = metrics.build_loss("focal", K, class_weights=WEIGHTS, gamma=0)(logits, targets)
-    torch.testing.assert_close(focal, ce)
-    torch.testing.assert_close(weighted_focal, wce)
-
-
-def test_focal_matches_its_formula() -> None:
-    logits, targets = loss_batch(2)
-    loss = metrics.focal_loss(logits, targets, IGNORE, gamma=2.0, alpha=WEIGHTS)
-    probs = torch.softmax(logits.detach().double(), dim=1).numpy()
-    total = weight_sum = 0.0
-    for b, y, x in np.ndindex(*targets.shape):
-        t = int(targets[b, y, x])
-        if t != IGNORE:
-            p = probs[b, t, y, x]
-            total += -float(WEIGHTS[t]) * (1 - p) ** 2 * math.log(p)
-            weight_sum += float(WEIGHTS[t])
-    assert loss.item() == pytest.approx(total / weight_sum, rel=1e-5)
-
-
-def test_dice_matches_its_formula() -> None:
-    logits, targets = loss_batch(3)
-    loss = metrics.dice_loss(logits, targets, IGNORE, smooth=1.0)
-    probs = torch.softmax(logits.detach().double(), dim=1).numpy()
-    dice = []
-    for c in range(1, K):
-        intersection = cardinality = 0.0
-        for b, y, x in np.ndindex(*targets.shape):
-            t = int(targets[b, y, x])
-            if t != IGNORE:
-                intersection += probs[b, c, y, x] * (t == c)
-                cardinality += probs[b, c, y, x] + (t == c)
-        dice.append((2 * intersection + 1.0) / (cardinality + 1.0))
-    assert loss.item() == pytest.approx(1 - sum(dice) / len(dice), rel=1e-5)
-
-
-def test_dice_is_near_zero_for_a_confident_correct_prediction() -> None:
-    _, targets = loss_batch(4)
-    logits = 30.0 * F.one_hot(targets, K).permute(0, 3, 1, 2).float()
-    assert metrics.dice_loss(logits, targets).item() < 1e-3
-
-
-def test_ce_plus_dice_is_the_sum() -> None:
-    logits, targets = loss_batch(5)
-    total = metrics.build_loss("ce+dice", K, class_weights=WEIGHTS, smooth=2.0)(logits, targets)
-    wce = metrics.cross_entropy_loss(logits, targets, IGNORE, WEIGHTS)
-    torch.testing.assert_close(total, wce + metrics.dice_loss(logits, targets, IGNORE, 2.0))
-
-
-@pytest.mark.parametrize("name", metrics.available_losses)
-def test_ignored_pixels_get_exactly_zero_gradient(name: str) -> None:
-    logits, targets = loss_batch(6)
-    make_loss(name)(logits, targets).backward()
-    ignored = (targets == IGNORE).unsqueeze(1).expand_as(logits)
-    assert (logits.grad[ignored] == 0).all()
-    assert (logits.grad[~ignored] != 0).any()
-
-
-@pytest.mark.parametrize("name", metrics.available_losses)
-def test_ignored_pixel_logits_do_not_change_the_loss(name: str) -> None:
-    logits, targets = loss_batch(7)
-    loss = make_loss(name)
-    changed = torch.where((targets == IGNORE).unsqueeze(1), 100 * torch.randn_like(logits), logits)
-    torch.testing.assert_close(loss(changed, targets), loss(logits, targets), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", metrics.available_losses)
-def test_a_fully_ignored_batch_gives_zero_with_a_gradient(name: str) -> None:
-    logits, targets = loss_batch(8)
-    value = make_loss(name)(logits, torch.full_like(targets, IGNORE))
-    assert value.item() == 0.0 and value.requires_grad
-    value.backward()
-    assert torch.equal(logits.grad, torch.zeros_like(logits))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", metrics.available_losses)
-def test_losses_are_finite_for_large_low_precision_logits(name: str, dtype: torch.dtype) -> None:
-    logits, targets = loss_batch(9, dtype=dtype, scale=1e4)
-    loss = make_loss(name)
-    value = loss(logits, targets)
-    assert value.dtype == torch.float32 and torch.isfinite(value)
-    # Computing in float32 gives the float32 result, not one rounded to 8 or 11 bits.
-    torch.testing.assert_close(value, loss(logits.detach().float(), targets))
-    value.backward()
-    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
-
-
-@pytest.mark.parametrize("name", metrics.available_losses)
-def test_losses_compute_in_float32_under_autocast(name: str) -> None:
-    _, targets = loss_batch(10)
-    layer = torch.nn.Conv2d(3, K, kernel_size=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = layer(torch.randn(2, 3, 5, 6))
-        value = make_loss(name)(logits, targets)
-    assert logits.dtype == torch.bfloat16
-    assert value.dtype == torch.float32 and torch.isfinite(value)
-
-
-def test_build_loss_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="ce, wce, focal, dice, ce\\+dice"):
-        metrics.build_loss("lovasz", K)
-    with pytest.raises(ValueError, match="class_weights"):
-        metrics.build_loss("wce", K)
-    with pytest.raises(ValueError, match="wce"):
-        metrics.build_loss("ce", K, class_weights=WEIGHTS)
-    with pytest.raises(ValueError, match="gamma"):
-        metrics.build_loss("ce", K, gamma=2.0)
-    with pytest.raises(ValueError, match="gamma"):
-        metrics.build_loss("focal", K, gamma=-1.0)
-    with pytest.raises(ValueError, match="one value per class"):
-        metrics.build_loss("wce", K, class_weights=[1.0] * (K - 1))
-    with pytest.raises(ValueError, match="ignore_index"):
-        metrics.build_loss("ce", K, ignore_index=K)
-    logits, targets = loss_batch()
-    with pytest.raises(ValueError, match="built for 5 classes"):
-        metrics.build_loss("ce", 5)(logits, targets)
-    with pytest.raises(ValueError, match="do not match"):
-        metrics.build_loss("dice", K)(logits, targets[:, :4])
-
-
-# --------------------------------------------------------------------------------------------
-# Class weights
-# --------------------------------------------------------------------------------------------
-
-# Pixel shares in the spirit of 2D-3D-S: wall common, sofa rare, <UNK> first.
-SHARES = [0.05, 0.02, 0.01, 0.04, 0.15, 0.02, 0.12, 0.015, 0.04, 0.13, 0.0033, 0.03, 0.337, 0.02]
-
-
-@pytest.mark.parametrize("method", metrics.available_weight_methods)
-def test_rarer_classes_get_larger_weights(method: str) -> None:
-    weights = metrics.class_weights_from_frequencies(SHARES, method)
-    assert weights.dtype == torch.float32 and weights.shape == (K,)
-    assert weights[IGNORE] == 0
-    assert weights[1:].mean().item() == pytest.approx(1.0)
-    rarest_first = sorted(range(1, K), key=lambda c: SHARES[c])
-    ordered = weights[rarest_first]
-    assert (ordered[:-1] >= ordered[1:]).all()
-    assert weights[10] > weights[12]  # sofa over wall, strictly
-
-
-def test_weight_methods_differ_in_strength() -> None:
-    ratio = {}
-    for method in metrics.available_weight_methods:
-        weights = metrics.class_weights_from_frequencies(SHARES, method)
-        ratio[method] = (weights[10] / weights[12]).item()  # sofa / wall
-    assert ratio["inverse"] == pytest.approx(0.337 / 0.0033, rel=1e-5)
-    assert ratio["inverse_sqrt"] == pytest.approx(math.sqrt(0.337 / 0.0033), rel=1e-5)
-    assert 1 < ratio["effective"] < ratio["inverse"]
-
-
-def test_class_weights_take_counts_and_handle_unseen_classes() -> None:
-    counts = [1000 * share for share in SHARES]
-    torch.testing.assert_close(
-        metrics.class_weights_from_frequencies(counts, "effective"),
-        metrics.class_weights_from_frequencies(SHARES, "effective"),
-    )
-    unseen = list(SHARES)
-    unseen[10] = 0.0
-    weights = metrics.class_weights_from_frequencies(unseen, "inverse")
-    assert weights[10] == weights[1:].max() and torch.isfinite(weights).all()
-
-
-def test_class_weights_reject_bad_input() -> None:
-    with pytest.raises(ValueError, match="inverse, inverse_sqrt, effective"):
-        metrics.class_weights_from_frequencies(SHARES, "median")
-    with pytest.raises(ValueError, match=">= 0"):
-        metrics.class_weights_from_frequencies([0.5, -0.1, 0.6])
-    with pytest.raises(ValueError, match="all zero"):
-        metrics.class_weights_from_frequencies([1.0, 0.0, 0.0])
-    with pytest.raises(ValueError, match="beta"):
-        metrics.class_weights_from_frequencies(SHARES, "effective", beta=1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark
+# Benchmark (bench.py's metric rows)
 # --------------------------------------------------------------------------------------------
 
 
-def test_benchmark_update_times_ours_and_torchmetrics(capsys) -> None:
-    rows = metrics.benchmark_update(batch_size=1, size=8, repeats=1)
+def test_bench_metrics_times_torchmetrics_then_ours() -> None:
+    rows = bench.bench_metrics(batch_size=1, size=8, repeats=1, device=torch.device("cpu"))
     assert [row["name"].split()[0] for row in rows] == [
+        "torchmetrics",
+        "torchmetrics",
         "ConfusionMatrix",
-        "torchmetrics",
-        "torchmetrics",
     ]
-    assert rows[0]["ratio"] == 1.0 and all(row["ms"] > 0 for row in rows)
-    metrics.main(["bench", "--batch-size", "1", "--size", "8", "--repeats", "1"])
-    printed = capsys.readouterr().out
-    assert "ConfusionMatrix (ours)" in printed and "MulticlassJaccardIndex" in printed
+    assert all(row["ms"] > 0 and row["unit"] == "batch" for row in rows)
+    assert {row["group"] for row in rows} == {"metric update, 1x8x8 batch"}
+    table = bench.format_table(rows)
+    assert "ConfusionMatrix (ours)" in table and "MulticlassJaccardIndex" in table
+    # torchmetrics with its checks is the reference of the group.
+    assert "validate_args=True" in table.splitlines()[2] and "reference" in table.splitlines()[2]
+
+
+def test_median_seconds_warms_up_then_stops_at_max_runs_or_seconds() -> None:
+    cpu = torch.device("cpu")
+    calls = []
+    assert bench.median_seconds(lambda: calls.append(1), cpu, max_runs=3) >= 0
+    assert len(calls) == 1 + 3  # the warm-up, then max_runs timed runs
+    calls.clear()
+    bench.median_seconds(lambda: calls.append(1), cpu, seconds=0)
+    assert len(calls) == 1 + 1  # at least one timed run

@@ -26,6 +26,7 @@ from conftest import ROOT
 from PIL import Image
 from test_main import train_args
 
+import checkpoints
 import data
 import main
 import models
@@ -75,7 +76,7 @@ if moment == "save":
     torch.save = save_half_then_stall
 else:
     stall_at = int(moment.split(":")[1])
-    real_build_loss = main.metrics.build_loss
+    real_build_loss = main.losses.build_loss
 
     def build_loss(*args, **kwargs):
         loss_fn = real_build_loss(*args, **kwargs)
@@ -90,7 +91,7 @@ else:
 
         return loss_or_stall
 
-    main.metrics.build_loss = build_loss
+    main.losses.build_loss = build_loss
 sys.exit(main.main(argv))
 """
 
@@ -230,7 +231,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(synthetic_r
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    main.save_checkpoint({"epoch": 1}, path)
+    checkpoints.save_checkpoint({"epoch": 1}, path)
 
     def disk_full(state, file, *args, **kwargs):
         file.write(b"the first bytes")
@@ -238,7 +239,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(main.CheckpointError, match=r"last\.pt .*No space left.*previous one"):
-        main.save_checkpoint({"epoch": 2}, path)
+        checkpoints.save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -275,7 +276,7 @@ def test_nan_steps_are_skipped_counted_and_training_finishes(
     assert main.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("non-finite loss at step") == 2
-    assert "epoch 1: skipped 1 steps" in out and "epoch 2: skipped 1 steps" in out
+    assert "epoch 1/2: skipped 1 steps" in out and "epoch 2/2: skipped 1 steps" in out
     checkpoint = torch.load(tmp_path / "nan/last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2 * STEPS_PER_EPOCH - 2
     assert all(torch.isfinite(v).all() for v in checkpoint["model_state"].values())
@@ -289,13 +290,13 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(
     # The last step of epoch 1 and the first of epoch 2: the count runs across epochs.
     make_training_outputs_nan(monkeypatch, {STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH})
     saved = []
-    real_save_checkpoint = main.save_checkpoint
+    real_save_checkpoint = checkpoints.save_checkpoint
 
     def recording_save_checkpoint(state, path):
         saved.append((path.name, state["epoch"]))
         real_save_checkpoint(state, path)
 
-    monkeypatch.setattr(main, "save_checkpoint", recording_save_checkpoint)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", recording_save_checkpoint)
     args = train_args(synthetic_root, tmp_path, "nan", 3, "--max-bad-steps", "2")
     assert main.main(args) == 2
     err = capsys.readouterr().err
@@ -341,7 +342,7 @@ def test_check_lists_every_bad_file_and_fails(root_copy):
     unpaired.unlink()
 
     result = subprocess.run(
-        [sys.executable, "data.py", "check", "--datadir", str(root_copy)],
+        [sys.executable, "check.py", "--datadir", str(root_copy)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
@@ -355,7 +356,7 @@ def test_check_lists_every_bad_file_and_fails(root_copy):
 
 
 GARBLED_NEEDS_PYSPNG = pytest.mark.skipif(
-    data.pyspng is None, reason="torchvision's decoder crashes on it; data.py check finds it"
+    data.pyspng is None, reason="torchvision's decoder crashes on it; check.py finds it"
 )
 
 
@@ -380,7 +381,7 @@ def test_bad_file_stops_training_with_one_line_naming_it(root_copy, tmp_path, ca
     assert "Traceback" not in err and "DataLoader worker" not in err
     [message] = error_lines(err)
     assert str(bad) in message
-    assert f"python data.py check --datadir {root_copy}" in message and "--skip-bad" in message
+    assert f"python check.py --datadir {root_copy}" in message and "--skip-bad" in message
 
 
 def test_skip_bad_leaves_out_broken_and_unlabelled_frames_and_reports_them(

@@ -1,0 +1,77 @@
+"""Where the code runs: a CPU or a GPU, one process or several (torchrun), in which precision.
+
+The training loop of main.py calls these few helpers and is otherwise the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class UsageError(Exception):
+    """A flag that cannot work on this machine or with these inputs."""
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """Join the process group that torchrun describes in the environment.
+
+    Returns (rank, world size, local rank); (0, 1, 0) when not started by torchrun.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world_size, local_rank
+
+
+def is_main_process() -> bool:
+    """True in the one process that prints, logs and saves (rank 0, or the only one)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def distribute(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped in DistributedDataParallel under torchrun (gradients are averaged
+    over the processes in backward), else the model itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """ "auto" is the GPU of this process when there is one, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None):
+    """Mixed precision for a forward pass, or nothing when not `enabled`.
+
+    The default dtype is float16 on CUDA (bfloat16 where supported is no faster on most GPUs
+    and needs no loss scaling, but float16 runs everywhere) and bfloat16 on a CPU.
+    """
+    if not enabled:
+        return nullcontext()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's random generators (numpy's is not used)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
