@@ -16,7 +16,8 @@ speed-up over it:
   data.jitter_colors on a batch on the device;
 - PNG and label decoding per frame; a metric update per batch against torchmetrics;
 - a training step and an inference step of the demo UNet and of the handout's UNet in
-  float32, channels_last and autocast; the latency of the demo UNet on a full 1080x1080 frame.
+  float32, channels_last and autocast; the latency of the demo UNet on a full 1080x1080 frame,
+  and of `python main.py predict` on a 1080x1080 photo, PyTorch against onnxruntime.
 
 It also checks that the fast paths give the samples they should and prints the result.
 """
@@ -49,6 +50,7 @@ from torchvision.io import ImageReadMode, decode_png
 import cache
 import data
 import devices
+import export
 import metrics
 import models
 
@@ -471,6 +473,50 @@ def bench_full_frame(device: torch.device, seconds: float, max_runs: int) -> lis
     return rows
 
 
+def bench_onnx_frame(device: torch.device, seconds: float, max_runs: int) -> list[dict]:
+    """Latency of `python main.py predict` on one full-resolution photo: the demo UNet in
+    models.Segmenter (resize, normalize, segment, resize back), PyTorch eager against the
+    same graph exported to ONNX and run by onnxruntime (on the device when it can)."""
+    name, num_blocks, base_chan, img_size = DEMO_UNET
+    group = f"{name}, predict on one {FULL_FRAME}x{FULL_FRAME} photo"
+    config = models.model_config(
+        "unet", data.NUM_CLASSES, num_blocks=num_blocks, base_chan=base_chan
+    )
+    segmenter = models.Segmenter(models.build_model(**config), img_size).eval().to(device)
+    photo = torch.randint(0, 256, (1, 3, FULL_FRAME, FULL_FRAME), dtype=torch.uint8)
+    print(f"  {group}: PyTorch eager", file=sys.stderr, flush=True)
+    on_device = photo.to(device)
+    with torch.inference_mode():
+        eager = median_seconds(lambda: segmenter(on_device), device, seconds, max_runs)
+    rows = [row(group, f"PyTorch eager ({device.type})", 1 / eager, 1000 * eager, "frame")]
+    try:
+        import onnxruntime
+    except ImportError:
+        print("onnxruntime is not installed: timing PyTorch only", file=sys.stderr)
+        return rows
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "demo.onnx"
+        print(f"  {group}: exporting to ONNX", file=sys.stderr, flush=True)
+        export.export_onnx(segmenter.cpu(), {"model_config": config, "img_size": img_size}, path)
+        session = export.onnx_session(path)
+    provider = session.get_providers()[0].removesuffix("ExecutionProvider")
+    print(f"  {group}: onnxruntime ({provider})", file=sys.stderr, flush=True)
+    pixels = {"image": photo.numpy()}
+    latency = median_seconds(
+        lambda: session.run(None, pixels), torch.device("cpu"), seconds, max_runs
+    )
+    rows.append(
+        row(
+            group,
+            f"onnxruntime {onnxruntime.__version__} ({provider})",
+            1 / latency,
+            1000 * latency,
+            "frame",
+        )
+    )
+    return rows
+
+
 # ----------------------------------------------------------------------------------------
 # Equality checks
 
@@ -687,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         handout_runs = 50 if on_gpu else 1 if args.quick else 2
         rows += bench_model(HANDOUT_UNET, handout_batch, device, model_seconds, handout_runs)
         rows += bench_full_frame(device, model_seconds, 1 if args.quick else 5)
+        rows += bench_onnx_frame(device, model_seconds, 1 if args.quick else 5)
 
     print(format_table(rows))
     print()

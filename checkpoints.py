@@ -8,9 +8,18 @@ checks it, rebuilds its model, and keeps the run folder's metrics.jsonl in step 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.client
 import json
 import os
 import pickle
+import posixpath
+import re
+import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -170,3 +179,169 @@ def trim_jsonl(path: Path, last_epoch: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(kept[e] + "\n" for e in sorted(kept)))
     os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Models by URL, following torch.hub's conventions
+
+# At least this many hex digits of the SHA-256 in the file name: 8 digits leave a damaged or
+# wrong file one chance in four billion to pass, fewer would make the check a formality.
+MIN_HASH_DIGITS = 8
+DOWNLOAD_CHUNK = 1 << 20
+# Seconds a connection may stay silent before the download is given up, so that a stalled
+# server ends in a message instead of a process that waits forever.
+DOWNLOAD_TIMEOUT = 60
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def local_model_file(model: str, progress: bool = True) -> Path:
+    """`model` itself when it is a local path; for an http(s) URL, the file downloaded once
+    into torch.hub's cache ($TORCH_HOME/hub/checkpoints, i.e. Path(torch.hub.get_dir()) /
+    "checkpoints") under the file name of the URL.
+
+    As in torch.hub, that name carries the first hex digits of the file's SHA-256 before its
+    extension (`NAME-<hex>.pt`, at least 8 digits): the download, and a cached copy each time
+    it is used again, must hash to that prefix. A download is written to a temporary file in
+    the cache folder and renamed into place only when it is whole and matches, so a refused
+    download leaves nothing behind. `progress` shows a bar on stderr while downloading.
+
+    Raises CheckpointError for a URL whose name has no hash prefix, for a failed, cut short
+    or mismatching download, and for a cached file that no longer matches its name.
+    """
+    scheme = SCHEME.match(model)
+    if scheme is None:
+        return Path(model)  # load_checkpoint says so when it does not exist
+    if scheme.group(1).lower() not in ("http", "https"):
+        raise CheckpointError(f"cannot download {model}: only http:// and https:// URLs work")
+    name, prefix = hashed_file_name(model)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if cached.exists():
+        check_cached_file(cached, prefix)
+    else:
+        download_checked(model, cached, prefix, progress)
+    return cached
+
+
+def hashed_file_name(url: str) -> tuple[str, str]:
+    """The file name of `url` and the SHA-256 prefix it carries (torch.hub.HASH_REGEX, the
+    same rule torch.hub.load_state_dict_from_url applies to the same name)."""
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    match = torch.hub.HASH_REGEX.search(name)
+    digits = match.group(1) if match else ""
+    if MIN_HASH_DIGITS <= len(digits) <= 64:
+        return name, digits
+    found = f" (it has {len(digits)})" if digits else ""
+    raise CheckpointError(
+        f"cannot download {url}: its file name {name!r} must end in "
+        f"-<first {MIN_HASH_DIGITS} or more hex digits of its SHA-256> before the extension"
+        f"{found}, e.g. unet-1a2b3c4d.pt; compute the hash with `sha256sum FILE` and rename "
+        "the file before publishing it"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(DOWNLOAD_CHUNK):
+            sha256.update(chunk)
+    return sha256.hexdigest()
+
+
+def check_cached_file(path: Path, prefix: str) -> None:
+    """Trust a cached download only while it still hashes to the prefix of its name: a
+    copy damaged on disk, or replaced by hand, would otherwise load as if it were the model
+    the URL names. It is not replaced here: it may be the only copy on a machine offline."""
+    try:
+        digest = file_sha256(path)
+    except OSError as error:
+        raise CheckpointError(f"cannot read the cached model {path}: {error}") from None
+    if not digest.startswith(prefix):
+        raise CheckpointError(
+            f"the cached model {path} does not match its name: its SHA-256 is {digest}, "
+            f"which does not start with {prefix}; delete it to download it again"
+        )
+
+
+def download_checked(url: str, destination: Path, prefix: str, progress: bool) -> None:
+    """Download `url` to `destination` when the bytes arrive whole and hash to `prefix`;
+    otherwise raise CheckpointError and leave nothing in the folder."""
+    folder = destination.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create the model cache {folder}: {error}") from None
+    # A name of its own per call, so that two processes fetching the same URL (torchrun)
+    # never write into each other's file; the last rename wins with the same bytes.
+    temporary = folder / f".{destination.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    failed = f"cannot download {url} (expected SHA-256 prefix {prefix})"
+    untouched = f"nothing was written to {folder}"
+    try:
+        digest, received, length = stream_to_file(url, temporary, destination.name, progress)
+        if length is not None and received != length:
+            raise CheckpointError(
+                f"{failed}: the connection closed after {received} of {length} bytes; {untouched}"
+            )
+        if not digest.startswith(prefix):
+            raise CheckpointError(
+                f"{failed}: the downloaded file's SHA-256 is {digest}, which does not start "
+                f"with {prefix}; {untouched}"
+            )
+        os.replace(temporary, destination)
+    # HTTPError is a URLError is an OSError: the most precise message first.
+    except urllib.error.HTTPError as error:
+        raise CheckpointError(f"{failed}: HTTP {error.code} {error.reason}; {untouched}") from None
+    except urllib.error.URLError as error:
+        raise CheckpointError(f"{failed}: {error.reason}; {untouched}") from None
+    except (http.client.HTTPException, OSError, ValueError) as error:
+        # IncompleteRead of a chunked reply, a reset or timed out connection, a full disk,
+        # a malformed URL
+        detail = str(error) or type(error).__name__
+        raise CheckpointError(f"{failed}: {detail}; {untouched}") from None
+    finally:
+        temporary.unlink(missing_ok=True)  # also on Ctrl-C
+    with contextlib.suppress(OSError):  # the file is in place; only durability is at stake
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def stream_to_file(url: str, path: Path, label: str, progress: bool) -> tuple[str, int, int | None]:
+    """Write the body of `url` to the new file `path`, flushed to disk, with a progress bar
+    named `label`; return its SHA-256, the bytes received and the Content-Length announced
+    (None without one).
+
+    torch.hub.download_url_to_file is not used: http.client returns a body that the server
+    cut short as if it were complete, and only the hash check would then notice, with a
+    misleading message; here the byte count is compared with Content-Length."""
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "segmentation-lab"})
+    sha256 = hashlib.sha256()
+    received = 0
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
+        announced = response.headers.get("Content-Length", "")
+        length = int(announced) if announced.strip().isdigit() else None
+        # Permissions as for any new file (umask), not mkstemp's 0600: the cache may be shared.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with (
+            open(descriptor, "wb") as file,
+            tqdm(
+                total=length,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+            ) as bar,
+        ):
+            while chunk := response.read(DOWNLOAD_CHUNK):
+                file.write(chunk)
+                sha256.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+            file.flush()
+            os.fsync(file.fileno())
+    return sha256.hexdigest(), received, length

@@ -3,12 +3,13 @@
     python main.py train --datadir D --areas 1 2 3 4 6 --val-areas 5a
     python main.py test --model runs/NAME/best.pt --areas 5b
     python main.py predict --model runs/NAME/best.pt photo.jpg --out predictions
+    python main.py export --model runs/NAME/best.pt --out model.onnx
     torchrun --nproc_per_node 4 main.py train ...        (one process per GPU)
 
 One plain loop: the same code runs on a CUDA GPU (mixed precision, channels_last, pinned
 memory) and on a CPU. `python main.py COMMAND --help` explains every flag. The machinery
-lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving
-and loading), cache.py (pre-decoded data sets).
+lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving,
+loading, downloading), cache.py (pre-decoded data sets), export.py (ONNX and torch.export).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import cache
 import checkpoints
 import data
 import devices
+import export
 import losses
 import metrics
 import models
@@ -475,6 +477,8 @@ def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespa
     for key in ("resume", "device", "stop_after", "func"):
         setattr(restored, key, getattr(args, key))
     restored.datadir = args.datadir or data.default_datadir(restored.datadir)
+    if isinstance(restored.pretrained, bool):  # a run from when --pretrained was a switch
+        restored.pretrained = "imagenet" if restored.pretrained else "none"
     restored.workers = restored.workers if args.workers is None else args.workers
     return restored
 
@@ -486,8 +490,13 @@ def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespa
 def test(args: argparse.Namespace) -> int:
     rank, world_size, local_rank = devices.setup_distributed()
     device = devices.pick_device(args.device, local_rank)
-    checkpoint = checkpoints.load_checkpoint(args.model)
-    model = checkpoints.model_from_checkpoint(checkpoint, args.model).to(device)
+    model_file = checkpoints.local_model_file(args.model)
+    if model_file.suffix == ".onnx":
+        raise devices.UsageError(
+            f"test scores a checkpoint (.pt); run {model_file.name} on pictures with predict"
+        )
+    checkpoint = checkpoints.load_checkpoint(model_file)
+    model = checkpoints.model_from_checkpoint(checkpoint, model_file).to(device)
     datadir = args.datadir or data.default_datadir(checkpoint["args"].get("datadir"))
     areas = args.areas or default_test_areas(datadir, checkpoint)
     img_size = checkpoint["img_size"]
@@ -507,12 +516,9 @@ def test(args: argparse.Namespace) -> int:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
 
         def on_batch(images, targets, predictions, frame_indices):
-            from PIL import Image
-
             for prediction, index in zip(predictions.cpu(), frame_indices.tolist(), strict=True):
-                colors = utils.colorize(prediction).permute(1, 2, 0).numpy()
                 name = dataset.frames[index].name
-                Image.fromarray(colors).save(out / "predictions" / f"{name}.png")
+                utils.save_class_ids(prediction, out / "predictions" / f"{name}.png")
 
     amp = device.type == "cuda"
     confusion = evaluate(
@@ -592,33 +598,39 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_image(model: nn.Module, image: torch.Tensor, img_size: int, device) -> torch.Tensor:
+def predict_image(segmenter: models.Segmenter, image: torch.Tensor, device) -> torch.Tensor:
     """Class ids `(H, W)` int64 for one `(3, H, W)` uint8 image of any size.
 
-    The image is scaled to about the training resolution (img_size**2 pixels), keeping its
-    aspect ratio, and the logits are scaled back to the original size.
+    The segmenter scales the image to about the training resolution, keeping its aspect
+    ratio, and scales the logits back to the original size (see models.Segmenter).
     """
-    height, width = image.shape[-2:]
-    scale = img_size / math.sqrt(height * width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    inputs = F.interpolate(
-        data.normalize(image[None].to(device)), size=size, mode="bilinear", antialias=True
-    )
-    logits = model(inputs)
-    logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear")
+    logits = segmenter(image[None].to(device))  # (1, K, H, W) float32
     return logits.argmax(dim=1)[0].cpu()
 
 
+def segment_with_onnxruntime(session, image: torch.Tensor) -> torch.Tensor:
+    """Class ids `(H, W)` int64 for one `(3, H, W)` uint8 image, by a model exported with
+    `python main.py export` and loaded in `session`, an onnxruntime.InferenceSession.
+
+    The ONNX model takes `image`, a numpy array `(N, 3, H, W)` uint8 of any size, and gives
+    `logits`, `(N, K, H, W)` float32 at the same size.
+    """
+    # >>> Q14: run the exported model with onnxruntime
+    (logits,) = session.run(["logits"], {"image": image[None].numpy()})
+    return torch.from_numpy(logits[0].argmax(axis=0))
+    # <<< Q14
+
+
 def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, stem: str) -> None:
-    """Write STEM_mask.png (colors), STEM_overlay.png and STEM_legend.png (classes seen)."""
+    """Write STEM_mask.png (the class ids, shown in their colors), STEM_overlay.png and
+    STEM_legend.png (the classes found and their share)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from PIL import Image
 
-    mask = utils.colorize(prediction).permute(1, 2, 0).numpy()
-    Image.fromarray(mask).save(out / f"{stem}_mask.png")
+    utils.save_class_ids(prediction, out / f"{stem}_mask.png")
     blended = utils.overlay(image, prediction).permute(1, 2, 0).numpy()
     Image.fromarray(blended).save(out / f"{stem}_overlay.png")
     counts = torch.bincount(prediction.flatten(), minlength=data.NUM_CLASSES)
@@ -631,10 +643,22 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
     figure.savefig(out / f"{stem}_legend.png", dpi=100)
 
 
+def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`segment(image (3, H, W) uint8) -> class ids (H, W) int64` for a checkpoint, or for
+    an ONNX file run with onnxruntime; `model` is a path or a URL."""
+    model_file = checkpoints.local_model_file(model)
+    if model_file.suffix == ".onnx":
+        session = export.onnx_session(model_file)
+        export.read_onnx_metadata(session)  # refuses a file made for other classes
+        return functools.partial(segment_with_onnxruntime, session)
+    checkpoint = checkpoints.load_checkpoint(model_file)
+    network = checkpoints.model_from_checkpoint(checkpoint, model_file).to(device).eval()
+    segmenter = models.Segmenter(network, checkpoint["img_size"])
+    return functools.partial(predict_image, segmenter, device=device)
+
+
 def predict(args: argparse.Namespace) -> int:
-    device = devices.pick_device(args.device)
-    checkpoint = checkpoints.load_checkpoint(args.model)
-    model = checkpoints.model_from_checkpoint(checkpoint, args.model).to(device).eval()
+    segment = load_segmenter(args.model, devices.pick_device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures, stems = 0, set()
@@ -649,12 +673,32 @@ def predict(args: argparse.Namespace) -> int:
         while stem in stems:  # two inputs with one name must not overwrite each other
             stem += "_"
         stems.add(stem)
-        prediction = predict_image(model, image, checkpoint["img_size"], device)
-        save_prediction(image, prediction, out, stem)
+        save_prediction(image, segment(image), out, stem)
         print(f"{path} -> {out / stem}_mask.png, _overlay.png, _legend.png")
     if failures:
         print(f"{failures} input(s) could not be read", file=sys.stderr)
     return 1 if failures else 0
+
+
+def export_model(args: argparse.Namespace) -> int:
+    """The `export` command: the checkpoint's model as ONNX (.onnx) or torch.export (.pt2)."""
+    out = Path(args.out)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise devices.UsageError(f"--out {out}: name an .onnx or a .pt2 file")
+    if not out.parent.is_dir():
+        raise devices.UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    model_file = checkpoints.local_model_file(args.model)
+    checkpoint = checkpoints.load_checkpoint(model_file)
+    network = checkpoints.model_from_checkpoint(checkpoint, model_file)
+    segmenter = models.Segmenter(network, checkpoint["img_size"])
+    if out.suffix == ".onnx":
+        export.export_onnx(segmenter, checkpoint, out)
+    else:
+        export.export_program(segmenter, out)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images of any size in, logits out"
+    )
+    return 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -716,7 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"UNet: channels of the first block (default {unet['base_chan']})",
     )
-    add("--pretrained", action="store_true", help="torchvision models: ImageNet backbone")
+    add(
+        "--pretrained",
+        default=None,
+        choices=("none", "imagenet", "coco"),
+        help="torchvision models: start from ImageNet backbone weights or from COCO segmentation "
+        "weights (downloaded once by torchvision)",
+    )
     add("--loss", default="ce", choices=losses.available_losses, help="training loss")
     add(
         "--weight-method",
@@ -780,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     test_parser.set_defaults(func=test)
     add = test_parser.add_argument
-    add("--model", required=True, help="checkpoint (best.pt or last.pt)")
+    add("--model", required=True, help="checkpoint (best.pt or last.pt), path or URL")
     add(
         "--datadir",
         default=None,
@@ -793,7 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output folder (default: test-AREAS beside the model)",
     )
-    add("--save-predictions", action="store_true", help="also write colorized predictions")
+    add(
+        "--save-predictions",
+        action="store_true",
+        help="also write the predicted class ids (palette PNGs)",
+    )
     add(
         "--at-train-size",
         action="store_true",
@@ -808,9 +862,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.set_defaults(func=predict)
     add = predict_parser.add_argument
     add("images", nargs="+", help="image files or folders (PNG, JPEG, any size)")
-    add("--model", required=True, help="checkpoint (best.pt or last.pt)")
+    add("--model", required=True, help="checkpoint (.pt) or ONNX file (.onnx), path or URL")
     add("--out", default="predictions", help="output folder")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+
+    export_parser = commands.add_parser(
+        "export", help="write a model for programs without this project", formatter_class=defaults
+    )
+    export_parser.set_defaults(func=export_model)
+    add = export_parser.add_argument
+    add("--model", required=True, help="checkpoint (best.pt or last.pt), path or URL")
+    add("--out", required=True, help="model.onnx (ONNX) or model.pt2 (torch.export program)")
     return parser
 
 
@@ -841,7 +903,14 @@ def main(argv: list[str] | None = None) -> int:
         args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return args.func(args)
-    except (data.DataError, CheckpointError, TrainingStopped, devices.UsageError) as error:
+    except (
+        data.DataError,
+        CheckpointError,
+        TrainingStopped,
+        devices.UsageError,
+        export.ExportError,
+        models.WeightsError,
+    ) as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:

@@ -37,13 +37,17 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, Weights, segmentation
 
 import data
 
@@ -193,6 +197,8 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet: {arg_name} must be at least 1, got {value}")
         self.num_blocks = num_blocks
         self.cin = cin
+        # Sides that need no padding; models.Segmenter resizes pictures to such sides.
+        self.size_multiple = 2**num_blocks
         self.encoder = UNetEncoder(cin, num_blocks, base_chan)
         self.decoder = UNetDecoder(self.encoder.cout, num_blocks, num_classes)
 
@@ -222,6 +228,8 @@ class TorchvisionSegmentation(nn.Module):
     torchvision's models return a dict ``{"out": logits}`` (plus ``"aux"`` with an auxiliary
     head); the rest of the project expects a tensor from every model.
     """
+
+    size_multiple = 32  # the largest stride of their backbones: sides that divide evenly
 
     def __init__(self, net: nn.Module, min_train_batch: int = 1) -> None:
         super().__init__()
@@ -262,29 +270,116 @@ def build_unet(num_classes: int, num_blocks: int = 4, base_chan: int = 64, cin: 
     return UNet(num_classes, num_blocks=num_blocks, cin=cin, base_chan=base_chan)
 
 
-def build_deeplabv3_resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+# Values of the torchvision builders' ``pretrained`` option: no pretrained weights, an ImageNet
+# classification backbone, or a whole segmentation model trained on COCO with the VOC labels.
+PRETRAINED_CHOICES = ("none", "imagenet", "coco")
+
+
+def check_pretrained(pretrained: str) -> None:
+    """Raise a ValueError naming the choices unless pretrained is in PRETRAINED_CHOICES."""
+    if pretrained not in PRETRAINED_CHOICES:
+        raise ValueError(
+            f"pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, got {pretrained!r}"
+        )
+
+
+def new_last_conv(old: nn.Conv2d, num_classes: int) -> nn.Conv2d:
+    """A freshly initialised conv like ``old`` (same input, kernel, bias) for num_classes."""
+    return nn.Conv2d(
+        old.in_channels,
+        num_classes,
+        kernel_size=old.kernel_size,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+
+
+class WeightsError(Exception):
+    """Published weights that cannot be downloaded or read; the message says what to do."""
+
+
+def published_state(weights: Weights) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's `weights`, downloaded once into torch's cache (checked
+    against the hash in its file name) and read with weights_only=True: torchvision's own
+    loader would unpickle any object the file holds."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:  # URLError is an OSError
+        raise WeightsError(
+            f"cannot load {weights.url} ({str(error).splitlines()[0]}); without a network, "
+            f"copy that file to {cached}"
+        ) from None
+
+
+def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none") -> nn.Module:
     """DeepLabV3 with a dilated ResNet-50 backbone (about 39.6 M parameters).
 
-    pretrained: start the backbone from ImageNet weights (downloaded once by torchvision). The
-    COCO-trained heads are not used since their classes differ from ours. ImageNet weights expect
-    images normalized with the ImageNet mean and std.
+    pretrained chooses the starting weights, downloaded once into torch's cache:
+
+    - "none": random weights, trained from scratch.
+    - "imagenet": the ResNet-50 backbone from ImageNet classification, the head random.
+    - "coco": torchvision's model trained on COCO with the 21 Pascal VOC labels: backbone and
+      `classifier.0` to `classifier.3` (ASPP, 3x3 conv, BatchNorm, ReLU) kept, the last 1x1
+      conv `classifier.4` new and random for our classes, the auxiliary head dropped.
+
+    The parameter count is the same for every value. Pretrained weights expect images
+    normalized with the ImageNet mean and std.
     """
-    weights_backbone = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
+    check_pretrained(pretrained)
+    coco = pretrained == "coco"
+    # The COCO weights hold an auxiliary head: build it to load them, drop it afterwards.
     net = segmentation.deeplabv3_resnet50(
-        weights=None, weights_backbone=weights_backbone, num_classes=num_classes, aux_loss=False
+        weights=None, weights_backbone=None, num_classes=21 if coco else num_classes, aux_loss=coco
     )
+    if coco:
+        net.load_state_dict(
+            published_state(segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1)
+        )
+        net.aux_classifier = None
+        del net.backbone.return_layers["layer3"]  # the features only the auxiliary head read
+        net.classifier[4] = new_last_conv(net.classifier[4], num_classes)
+    elif pretrained == "imagenet":
+        state = published_state(ResNet50_Weights.IMAGENET1K_V1)
+        # The backbone is the ResNet without its classifier (`fc`), under the same names.
+        net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     return TorchvisionSegmentation(net, min_train_batch=2)
 
 
-def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: bool = False) -> nn.Module:
+def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: str = "none") -> nn.Module:
     """LR-ASPP with a MobileNetV3-Large backbone: small and fast (about 3.2 M parameters).
 
-    pretrained: start the backbone from ImageNet weights, as for DeepLabV3.
+    pretrained chooses the starting weights, downloaded once into torch's cache:
+
+    - "none": random weights, trained from scratch.
+    - "imagenet": the MobileNetV3-Large backbone from ImageNet classification, the head random.
+    - "coco": torchvision's model trained on COCO with the 21 Pascal VOC labels: backbone,
+      `classifier.cbr` and `classifier.scale` kept, the two 1x1 convs that output the classes
+      (`classifier.low_classifier`, `classifier.high_classifier`) new and random.
+
+    The parameter count is the same for every value. Pretrained weights expect images
+    normalized with the ImageNet mean and std.
     """
-    weights_backbone = MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained else None
+    check_pretrained(pretrained)
+    coco = pretrained == "coco"
     net = segmentation.lraspp_mobilenet_v3_large(
-        weights=None, weights_backbone=weights_backbone, num_classes=num_classes
+        weights=None, weights_backbone=None, num_classes=21 if coco else num_classes
     )
+    if coco:
+        net.load_state_dict(
+            published_state(segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1)
+        )
+        head = net.classifier
+        head.low_classifier = new_last_conv(head.low_classifier, num_classes)
+        head.high_classifier = new_last_conv(head.high_classifier, num_classes)
+    elif pretrained == "imagenet":
+        state = published_state(MobileNet_V3_Large_Weights.IMAGENET1K_V1)
+        # The backbone is the network's `features`, under the names inside it.
+        features = {
+            k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
+        }
+        net.backbone.load_state_dict(features)
     return TorchvisionSegmentation(net)
 
 
@@ -343,6 +438,39 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     config = model_config(name, num_classes, **options)
     del config["name"]
     return MODEL_BUILDERS[name](**config)
+
+
+class Segmenter(nn.Module):
+    """A trained model as `python main.py predict` uses it: pixels in, logits out.
+
+    forward: images `(N, 3, H, W)` uint8 RGB, any N, H and W -> logits `(N, K, H, W)`
+    float32 at the input's size, whose argmax over dim 1 is the class of each pixel. The
+    images are scaled to about the training resolution (`img_size`**2 pixels) keeping their
+    aspect ratio, with sides that are multiples of the model's `size_multiple` (at least two
+    of them), normalized as in training and segmented; the logits are scaled back.
+
+    This module is also what `python main.py export` writes, as one graph for any H and W:
+    the sizes are computed with `torch.sym_*` functions, which torch.export keeps symbolic
+    where Python's `round` would fix them at the sample's size, and sides the model divides
+    evenly leave no size-dependent padding in the graph.
+    """
+
+    def __init__(self, model: nn.Module, img_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.img_size = img_size
+        self.multiple = model.size_multiple
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        cells_per_pixel = self.img_size / (height * width) ** 0.5 / self.multiple
+        size = (  # rounded to the nearest number of cells: int() of x + 0.5
+            self.multiple * torch.sym_max(2, torch.sym_int(height * cells_per_pixel + 0.5)),
+            self.multiple * torch.sym_max(2, torch.sym_int(width * cells_per_pixel + 0.5)),
+        )
+        inputs = F.interpolate(data.normalize(images), size=size, mode="bilinear", antialias=True)
+        logits = self.model(inputs)
+        return F.interpolate(logits.float(), size=(height, width), mode="bilinear")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -5,6 +5,8 @@ Each class's color is defined once, beside its name, in `data.CLASS_COLORS`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -50,3 +52,14 @@ def comparison_grid(
     """
     rows = torch.cat([images, colorize(targets), colorize(predictions)], dim=3)  # (B, 3, H, 3W)
     return torch.cat(list(rows), dim=1)
+
+
+def save_class_ids(mask: torch.Tensor, path: Path) -> None:
+    """Write `(H, W)` class ids as a palette PNG: its pixel values are the class ids and its
+    palette holds the class colors, so an image viewer shows the colors and
+    `numpy.array(PIL.Image.open(path))` gives back the ids, `(H, W)` uint8."""
+    from PIL import Image
+
+    image = Image.fromarray(mask.to(torch.uint8).cpu().numpy())  # mode "L": one byte a pixel
+    image.putpalette([channel for color in CLASS_COLORS.values() for channel in color])
+    image.save(path)

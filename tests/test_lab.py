@@ -790,3 +790,37 @@ def test_q14_predict_keeps_the_size_of_any_image(tiny_run, tmp_path):
     expect(main.main([*args, "--device", "cpu"]) == 0, "python main.py predict should succeed")
     with Image.open(out / "photo_mask.png") as mask:
         expect(mask.size == (61, 45), f"a 61x45 photo gave a {mask.size[0]}x{mask.size[1]} mask")
+
+
+class StandInNetwork(nn.Module):
+    """A 3x3 conv to the 14 classes: Q14's ONNX check needs no answer of another question."""
+
+    size_multiple = 4  # what models.Segmenter reads from every model
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, data.NUM_CLASSES, kernel_size=3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images)
+
+
+@self_check
+def test_q14_onnxruntime_gives_the_classes_of_predict(tmp_path):
+    import export
+
+    torch.manual_seed(0)
+    segmenter = models.Segmenter(StandInNetwork().eval(), img_size=32)
+    onnx_file = tmp_path / "model.onnx"
+    export.export_onnx(segmenter, {"model_config": {"name": "stand-in"}, "img_size": 32}, onnx_file)
+    session = export.onnx_session(onnx_file)
+    for height, width in [(250, 333), (97, 301)]:
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+        ids = main.segment_with_onnxruntime(session, image)
+        expect_tensor(ids, (height, width), torch.int64, "segment_with_onnxruntime(session, image)")
+        agree = (ids == main.predict_image(segmenter, image, "cpu")).float().mean().item()
+        expect(
+            agree >= 0.999,
+            f"onnxruntime and predict give the same class to {agree:.1%} of the pixels of a "
+            f"{width}x{height} image, expected at least 99.9 %",
+        )

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import main
+import models
 
 TINY_MODEL = ["--num-blocks", "2", "--base-chan", "4", "--img-size", "32"]
 
@@ -105,9 +106,9 @@ def test_predict_any_image(trained_run, tmp_path):
         str(tmp_path / "a.png"), str(tmp_path / "b.jpg")])  # fmt: skip
     assert code == 0
     for stem, size in (("a", (70, 45)), ("b", (20, 33))):
-        for kind in ("mask", "overlay"):
+        for kind, mode in (("mask", "P"), ("overlay", "RGB")):  # the mask: class ids
             with Image.open(out / f"{stem}_{kind}.png") as picture:
-                assert picture.size == size and picture.mode == "RGB"
+                assert picture.size == size and picture.mode == mode
         assert (out / f"{stem}_legend.png").is_file()
 
 
@@ -274,3 +275,13 @@ def test_torchrun_into_an_existing_run_stops_every_process_with_the_message(
     assert result.stderr.count(f"error: {tmp_path / 'taken'} already holds a run") == 2
     assert "[rank1]" not in result.stderr, "rank 1 failed on its own instead"
     assert (tmp_path / "taken/last.pt").read_bytes() == b"an earlier run"
+
+
+def test_a_run_saved_when_pretrained_was_a_switch_resumes():
+    args = main.build_parser().parse_args(["train", "--resume", "runs/old/last.pt"])
+    for saved, expected in ((False, "none"), (True, "imagenet")):
+        saved_args = {"model": "lraspp_mobilenet_v3_large", "pretrained": saved, "workers": 2}
+        restored = main.restore_args(args, {"args": {**saved_args, "datadir": "data"}})
+        assert restored.pretrained == expected
+        config = models.model_config(restored.model, 14, **main.model_options(restored))
+        assert config["pretrained"] == expected

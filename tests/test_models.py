@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import urllib.error
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet50_Weights
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet50_Weights,
+    mobilenet_v3_large,
+    resnet50,
+    segmentation,
+)
 
+import checkpoints
+import data
 import models
 
 # Small enough to run forward and backward in milliseconds on a CPU.
@@ -175,7 +187,7 @@ def test_config_fills_in_defaults():
         "base_chan": 64,
         "cin": 3,
     }
-    assert models.model_config("deeplabv3_resnet50", 14)["pretrained"] is False
+    assert models.model_config("deeplabv3_resnet50", 14)["pretrained"] == "none"
 
 
 def test_unknown_model_name_lists_available_models():
@@ -187,7 +199,7 @@ def test_unknown_model_name_lists_available_models():
 
 def test_unknown_option_names_the_options():
     with pytest.raises(ValueError, match="no option pretrained.*num_blocks, base_chan, cin"):
-        models.build_model("unet", 14, pretrained=True)
+        models.build_model("unet", 14, pretrained="coco")
     with pytest.raises(ValueError, match="no option base_chan.*pretrained"):
         models.model_config("lraspp_mobilenet_v3_large", 14, base_chan=8)
 
@@ -195,26 +207,152 @@ def test_unknown_option_names_the_options():
 def test_wrong_option_type_is_an_error():
     with pytest.raises(TypeError, match="'num_blocks'.*int"):
         models.model_config("unet", 14, num_blocks="4")
-    with pytest.raises(TypeError, match="'pretrained'.*bool"):
-        models.model_config("deeplabv3_resnet50", 14, pretrained=1)
+    with pytest.raises(TypeError, match="'pretrained'.*str"):
+        models.model_config("deeplabv3_resnet50", 14, pretrained=True)
     with pytest.raises(ValueError, match="num_classes"):
         models.model_config("unet", 0)
 
 
-def test_pretrained_asks_torchvision_for_imagenet_backbone(monkeypatch):
-    calls = []
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "lraspp_mobilenet_v3_large"])
+def test_unknown_pretrained_value_names_the_choices(name):
+    with pytest.raises(ValueError, match="none, imagenet, coco, got 'voc'"):
+        models.build_model(name, 14, pretrained="voc")
 
-    def fake_builder(**kwargs):
-        calls.append(kwargs)
-        return nn.Identity()
 
-    monkeypatch.setattr(models.segmentation, "deeplabv3_resnet50", fake_builder)
-    models.build_model("deeplabv3_resnet50", 14, pretrained=True)
-    models.build_model("deeplabv3_resnet50", 14)
-    assert calls[0]["weights_backbone"] is ResNet50_Weights.IMAGENET1K_V1
-    assert calls[0]["weights"] is None
-    assert calls[0]["num_classes"] == 14
-    assert calls[1]["weights_backbone"] is None
+@pytest.fixture
+def torch_cache(monkeypatch, tmp_path) -> Path:
+    """torch's weights cache, moved to an empty tmp folder; a download fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub.get_dir() reads it at each call
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"tried to download {url}: its file is not in the cache")
+
+    # load_state_dict_from_url downloads only when the file is missing from the cache.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    assert cache.is_relative_to(tmp_path)
+    return cache
+
+
+def place_weights(cache: Path, weights, net: nn.Module) -> dict[str, torch.Tensor]:
+    """Save a state dict shaped like net's under the file name torchvision loads weights from.
+
+    torch.hub checks the hash in the file name only when it downloads: a cached file loads as
+    is. Every float tensor is drawn from [2, 3), which PyTorch's default initialisation of a
+    new conv or BatchNorm never reaches, so a built model's tensor that holds such values
+    came from this file and one that holds none did not.
+    """
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        key: torch.rand(value.shape, generator=generator) + 2
+        if value.is_floating_point()
+        else torch.zeros(value.shape, dtype=value.dtype)
+        for key, value in net.state_dict().items()
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cache / Path(urlparse(weights.url).path).name)
+    return state
+
+
+# Per model: torchvision's COCO weights, the torchvision model they fit (21 VOC classes, and
+# DeepLabV3's auxiliary head) and the layers that "coco" replaces for our classes.
+COCO_STARTS = [
+    pytest.param(
+        "deeplabv3_resnet50",
+        segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+        functools.partial(segmentation.deeplabv3_resnet50, num_classes=21, aux_loss=True),
+        ("classifier.4.",),
+        id="deeplabv3_resnet50",
+    ),
+    pytest.param(
+        "lraspp_mobilenet_v3_large",
+        segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+        functools.partial(segmentation.lraspp_mobilenet_v3_large, num_classes=21),
+        ("classifier.low_classifier.", "classifier.high_classifier."),
+        id="lraspp_mobilenet_v3_large",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, weights, coco_builder, new_layers", COCO_STARTS)
+def test_coco_start_keeps_all_but_the_last_layers(
+    torch_cache, name, weights, coco_builder, new_layers
+):
+    # On the meta device the models only give the keys and shapes, without initialising.
+    with torch.device("meta"):
+        coco_net = coco_builder(weights=None, weights_backbone=None)
+        scratch = models.build_model(name, 14).net.state_dict()
+    placed = place_weights(torch_cache, weights, coco_net)
+    model = models.build_model(name, 14, pretrained="coco")
+    state = model.net.state_dict()
+    # The layers of a model built from scratch, so its checkpoints load as any other.
+    assert {key: value.shape for key, value in state.items()} == {
+        key: value.shape for key, value in scratch.items()
+    }
+    assert all(key.startswith("aux_classifier.") for key in set(placed) - set(state))
+    for key, value in state.items():
+        if key.startswith(new_layers):
+            assert value.shape[0] == 14 and (value < 2).all(), key
+        else:
+            assert torch.equal(value, placed[key]), key
+    outputs = model.net.eval()(torch.rand(1, 3, 32, 32))
+    assert list(outputs) == ["out"]
+    assert outputs["out"].shape == (1, 14, 32, 32)
+
+
+# Per model: the ImageNet weights of its backbone, the classification model they fit, the
+# prefix of the backbone's keys in that model and the prefix of its classifier, left out.
+IMAGENET_STARTS = [
+    pytest.param(
+        "deeplabv3_resnet50", ResNet50_Weights.IMAGENET1K_V1, resnet50, "", "fc.", id="resnet50"
+    ),
+    pytest.param(
+        "lraspp_mobilenet_v3_large",
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        mobilenet_v3_large,
+        "features.",
+        "classifier.",
+        id="mobilenet_v3_large",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, weights, imagenet_builder, prefix, head", IMAGENET_STARTS)
+def test_imagenet_start_loads_the_backbone_only(
+    torch_cache, name, weights, imagenet_builder, prefix, head
+):
+    with torch.device("meta"):
+        imagenet_net = imagenet_builder(weights=None)
+    placed = place_weights(torch_cache, weights, imagenet_net)
+    state = models.build_model(name, 14, pretrained="imagenet").net.state_dict()
+    placed_key = {
+        "backbone." + key.removeprefix(prefix): key for key in placed if not key.startswith(head)
+    }
+    backbone = {key for key in state if key.startswith("backbone.")}
+    assert backbone == set(placed_key)
+    for key, value in state.items():
+        if key in backbone:
+            assert torch.equal(value, placed[placed_key[key]]), key
+        else:
+            assert (value < 2).all(), key
+
+
+@pytest.mark.parametrize("old_value", [False, True])
+def test_checkpoint_with_a_boolean_pretrained_still_loads(torch_cache, old_value):
+    # pretrained used to be a bool, stored so in the checkpoints' model configs.
+    model = models.build_model("lraspp_mobilenet_v3_large", data.NUM_CLASSES)
+    checkpoint = {
+        "classes": list(data.CLASSES),
+        "model_config": {
+            "name": "lraspp_mobilenet_v3_large",
+            "num_classes": data.NUM_CLASSES,
+            "pretrained": old_value,
+        },
+        "model_state": model.state_dict(),
+    }
+    loaded = checkpoints.model_from_checkpoint(checkpoint, "old.pt")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 class DictModel(nn.Module):
@@ -266,3 +404,25 @@ def test_command_line_rejects_an_option_the_model_lacks(capsys):
     with pytest.raises(SystemExit):
         models.main(["--model", "lraspp_mobilenet_v3_large", "--num-blocks", "2"])
     assert "no option num_blocks" in capsys.readouterr().err
+
+
+class NotATensor:
+    """A Python object in a weights file: reading it would run code from the file."""
+
+
+def test_weights_that_hold_python_objects_are_refused(torch_cache):
+    weights = segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
+    torch_cache.mkdir(parents=True)
+    torch.save({"object": NotATensor()}, torch_cache / Path(urlparse(weights.url).path).name)
+    with pytest.raises(models.WeightsError, match="cannot load .*lraspp"):
+        models.build_model("lraspp_mobilenet_v3_large", 14, pretrained="coco")
+
+
+def test_weights_that_cannot_be_downloaded_say_where_to_put_them(torch_cache, monkeypatch):
+    def unreachable(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    expected = torch_cache / Path(urlparse(ResNet50_Weights.IMAGENET1K_V1.url).path).name
+    with pytest.raises(models.WeightsError, match=f"no network.*copy that file to {expected}"):
+        models.build_model("deeplabv3_resnet50", 14, pretrained="imagenet")

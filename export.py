@@ -1,0 +1,151 @@
+"""A trained model for programs without this project: ONNX files and torch.export programs.
+
+    python main.py export --model best.pt --out model.onnx      (ONNX, for onnxruntime)
+    python main.py export --model best.pt --out model.pt2       (torch.export.ExportedProgram)
+
+Both hold `models.Segmenter`, the whole of `python main.py predict` in one graph: input
+`image`, `(N, 3, H, W)` uint8 RGB with any N, H and W; output `logits`, `(N, 14, H, W)`
+float32 at the input's size; the argmax over dim 1 is the class of each pixel. An ONNX file
+also carries, as metadata, the class names in order, their colors, the model configuration
+and the training size (`read_onnx_metadata`).
+
+ONNX export goes through torch.export (the "dynamo" exporter), which keeps the image size
+symbolic: the UNet's padding and the resizes work at any size, where the older tracer
+fixed them at the sample's. It needs the packages onnx and onnxscript; running an ONNX file
+needs onnxruntime. All three are optional (see README, "Dependencies").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import data
+import models
+
+ONNX_OPSET = 18  # the first opset whose Resize has `antialias`, used by the image resize
+METADATA_FORMAT = "segmentation-lab-onnx/1"
+# A sample for torch.export: its sizes are not special (odd, not square, not multiples of
+# 16), so that no size-dependent branch of the model is fixed by accident.
+SAMPLE_SHAPE = (2, 3, 97, 131)
+
+
+class ExportError(Exception):
+    """A model that cannot be exported or run; the message says what to install or change."""
+
+
+def missing_package(package: str, purpose: str) -> ExportError:
+    """The one-line error for an optional package that is not installed."""
+    return ExportError(
+        f"{purpose} needs the optional package {package}: pip install {package} "
+        "(see README, Dependencies)"
+    )
+
+
+def dynamic_image_shapes() -> dict:
+    """`dynamic_shapes` of torch.export for the input `image`: batch, height, width free."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    height = torch.export.Dim("height", min=1, max=16384)
+    width = torch.export.Dim("width", min=1, max=16384)
+    return {"images": {0: batch, 2: height, 3: width}}
+
+
+def onnx_metadata(checkpoint: dict) -> dict[str, str]:
+    """What a program needs to use the ONNX file, as strings (JSON where structured)."""
+    return {
+        "format": METADATA_FORMAT,
+        "classes": json.dumps(list(data.CLASSES)),
+        "class_colors": json.dumps([list(color) for color in data.CLASS_COLORS.values()]),
+        "model_config": json.dumps(checkpoint["model_config"]),
+        "img_size": str(checkpoint["img_size"]),
+        "input": "image: (N, 3, H, W) uint8 RGB, any N, H, W",
+        "output": "logits: (N, K, H, W) float32; argmax over dim 1 gives the class ids",
+    }
+
+
+def replace_atomically(write, path: Path) -> None:
+    """Call `write(temporary_path)`, then rename the file over `path`: an export that fails
+    halfway leaves no file, and an earlier file at `path` stays whole until then."""
+    # The suffix stays last: torch.export.save wants a file name ending in .pt2.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def export_onnx(segmenter: models.Segmenter, checkpoint: dict, path: Path) -> None:
+    """Write `segmenter` as a standalone ONNX file with metadata, checked by onnx's checker."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (the exporter needs it; imported here to say so)
+    except ImportError as error:
+        raise missing_package(error.name or "onnx onnxscript", "exporting to ONNX") from None
+    sample = torch.randint(0, 256, SAMPLE_SHAPE, dtype=torch.uint8)
+    program = torch.onnx.export(
+        segmenter.eval(),
+        (sample,),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=dynamic_image_shapes(),
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        verbose=False,
+    )
+    model_proto = program.model_proto
+    for key, value in onnx_metadata(checkpoint).items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model_proto, full_check=True)
+    replace_atomically(lambda temporary: onnx.save(model_proto, temporary), path)
+
+
+def export_program(segmenter: models.Segmenter, path: Path) -> None:
+    """Write `segmenter` as a torch.export ExportedProgram (`torch.export.load` reads it)."""
+    sample = torch.randint(0, 256, SAMPLE_SHAPE, dtype=torch.uint8)
+    program = torch.export.export(
+        segmenter.eval(), (sample,), dynamic_shapes=dynamic_image_shapes()
+    )
+    replace_atomically(lambda temporary: torch.export.save(program, temporary), path)
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime.InferenceSession of the ONNX file at `path`, on the GPU when
+    onnxruntime has one, else on the CPU."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_package("onnxruntime", f"running {path}") from None
+    providers = [
+        name
+        for name in ("CUDAExecutionProvider", "CPUExecutionProvider")
+        if name in onnxruntime.get_available_providers()
+    ]
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=providers)
+    except Exception as error:  # onnxruntime raises its own error types, all to be reported
+        raise ExportError(f"cannot load {path} with onnxruntime: {error}") from None
+
+
+def read_onnx_metadata(session) -> dict:
+    """The metadata that `export_onnx` wrote, JSON decoded; refused for another project's
+    file or for other classes than this project's."""
+    found = session.get_modelmeta().custom_metadata_map
+    if found.get("format") != METADATA_FORMAT:
+        raise ExportError(
+            "this ONNX file was not written by `python main.py export` (no "
+            f"{METADATA_FORMAT} metadata)"
+        )
+    metadata = {key: value for key, value in found.items() if key not in ("input", "output")}
+    for key in ("classes", "class_colors", "model_config"):
+        metadata[key] = json.loads(found[key])
+    metadata["img_size"] = int(found["img_size"])
+    if metadata["classes"] != list(data.CLASSES):
+        raise ExportError(
+            f"the ONNX model has the classes {metadata['classes']}, not {list(data.CLASSES)}"
+        )
+    return metadata
