@@ -21,8 +21,11 @@ image at the bottom and right up to the next multiple and crops the logits back,
 H, W.
 
 Beyond the UNet, ``build_model`` also builds torchvision's DeepLabV3-ResNet50 and
-LRASPP-MobileNetV3-Large with a new head for our class count, optionally from ImageNet weights
-for the backbone. Every model maps a (B, C, H, W) float image batch to (B, K, H, W) logits.
+LRASPP-MobileNetV3-Large with a new last layer for our class count, optionally starting from
+ImageNet weights for the backbone or from torchvision's COCO segmentation weights. Every model
+maps a (B, C, H, W) float image batch to (B, K, H, W) logits; ``Segmenter`` wraps a trained
+one for pictures of any size (uint8 in, logits out), as ``main.py predict`` and ``export``
+use it.
 
 A model is described by a plain config dict that a checkpoint can store::
 
@@ -396,7 +399,7 @@ def available_models() -> tuple[str, ...]:
 
 
 def default_options(name: str) -> dict[str, Any]:
-    """The options of model ``name`` and their defaults, e.g. {"pretrained": False}."""
+    """The options of model ``name`` and their defaults, e.g. {"pretrained": "none"}."""
     if name not in MODEL_BUILDERS:
         raise ValueError(
             f"unknown model name {name!r}; available models: {', '.join(available_models())}"
