@@ -230,3 +230,14 @@ def test_predict_and_export_take_a_url(published, checkpoint_path, tmp_path):
         assert (ids == expected.numpy()).mean() >= 0.999
     url = f"{published}/{names['.pt']}"
     assert main.main(["export", "--model", url, "--out", str(tmp_path / "again.onnx")]) == 0
+
+
+def test_benchmark_times_predict_in_pytorch_and_onnxruntime(monkeypatch):
+    import bench
+
+    monkeypatch.setattr(bench, "DEMO_UNET", ("tiny UNet", 2, 4, 32))
+    monkeypatch.setattr(bench, "FULL_FRAME", 90)
+    rows = bench.bench_onnx_frame(torch.device("cpu"), seconds=0.0, max_runs=1)
+    assert [row["name"].split()[0] for row in rows] == ["PyTorch", "onnxruntime"]
+    assert all(row["ms"] > 0 and row["unit"] == "frame" for row in rows)
+    assert "90x90" in rows[0]["group"]
