@@ -65,8 +65,8 @@ def find_problems(
     partners first, then broken frames."""
     from tqdm import tqdm
 
+    frames, unlabelled = data.find_frames(root, areas)  # first: it names a missing root
     data.load_label_table(root / data.LABELS_FILE)
-    frames, unlabelled = data.find_frames(root, areas)
     problems = [f"{frame.semantic_path} is missing" for frame in unlabelled]
     problems += [f"{path} is missing" for path in missing_rgb_files(root, areas)]
     for frame in tqdm(frames, desc="check", disable=not progress):
