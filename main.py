@@ -9,7 +9,8 @@
 One plain loop: the same code runs on a CUDA GPU (mixed precision, channels_last, pinned
 memory) and on a CPU. `python main.py COMMAND --help` explains every flag. The machinery
 lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving,
-loading, downloading), cache.py (pre-decoded data sets), export.py (ONNX and torch.export).
+loading, downloading), cache.py (pre-decoded data sets), export.py (ONNX and torch.export),
+cli.py (errors as one line).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import functools
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import cache
 import checkpoints
+import cli
 import data
 import devices
 import export
@@ -705,34 +706,12 @@ def export_model(args: argparse.Namespace) -> int:
 # Command line
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless it has none or its help already explains it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def jitter_strength(text: str) -> float:
-    """argparse type of --jitter: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan  # not a number: refused below like one out of range
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number from 0 up to (not including) 1, got {text!r}"
-        )
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = HelpFormatter
+    defaults = cli.HelpFormatter
     unet = models.default_options("unet")
     environment = f"${data.DATADIR_VARIABLE}"
 
@@ -785,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--img-size", type=int, default=256, help="training crops are IMG_SIZE x IMG_SIZE")
     add(
         "--jitter",
-        type=jitter_strength,
+        type=cli.jitter_strength,
         default=0.2,
         help="color jitter: brightness, contrast and saturation vary by up to this (0: off)",
     )
@@ -876,25 +855,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cuda_oom_message(args: argparse.Namespace) -> str:
-    flags = [f"--batch-size {args.batch_size}"] if hasattr(args, "batch_size") else []
-    if hasattr(args, "img_size"):
-        flags.append(f"--img-size {args.img_size}")
-    return f"CUDA ran out of memory with {' and '.join(flags) or 'this input'}: lower them"
-
-
-# The message of a stub written by make_lab.py: "Q4: build ... in data.py, see LAB.md".
-LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
-
-
-def error_message(error: Exception) -> str:
-    """The message of `error`. An exception raised in a DataLoader worker reaches the main
-    process re-created with the worker's traceback as its message, which ends with
-    "module.ErrorClass: original message"; only the original message is for the user."""
-    message = str(error)
-    if "DataLoader worker" in message and "Original Traceback" in message:
-        message = message.rsplit(f"{type(error).__name__}: ", 1)[-1]
-    return message.strip()
+# The errors of a user, not of the code: each ends the program with one line (cli.run).
+USER_ERRORS = (
+    data.DataError,
+    CheckpointError,
+    TrainingStopped,
+    devices.UsageError,
+    export.ExportError,
+    models.WeightsError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -902,28 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "name", "") is None:
         args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        return args.func(args)
-    except (
-        data.DataError,
-        CheckpointError,
-        TrainingStopped,
-        devices.UsageError,
-        export.ExportError,
-        models.WeightsError,
-    ) as error:
-        print(f"error: {error_message(error)}", file=sys.stderr)
-        return 2
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: {cuda_oom_message(args)}", file=sys.stderr)
-        return 2
-    except NotImplementedError as error:
-        # In the students' version of the lab, an unanswered question raises this with a
-        # message that names it; any other NotImplementedError keeps its traceback.
-        message = error_message(error)
-        if not LAB_STUB_MESSAGE.match(message):
-            raise
-        print(f"error: {message} (the program needs it)", file=sys.stderr)
-        return 2
+        return cli.run(args.func, args, USER_ERRORS)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -27,7 +27,7 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
 The bundle holds the six scripts, the machinery they import (cache.py, check.py,
-checkpoints.py, devices.py, export.py), LAB.md, README.md, the setup files (requirements,
+checkpoints.py, cli.py, devices.py, export.py), LAB.md, README.md, the setup files (requirements,
 constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore), synthetic.py,
 bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py):
 the README's commands work in it, and its `bash test.sh` runs the linter and every
@@ -63,6 +63,7 @@ COPIED_FILES: tuple[str, ...] = (
     "cache.py",
     "check.py",
     "checkpoints.py",
+    "cli.py",
     "devices.py",
     "export.py",
     "LAB.md",
