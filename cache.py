@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+import checkpoints
 import data
 from data import DataError
 
@@ -45,11 +45,6 @@ CACHE_MASKS = "masks.uint8"
 
 # ----------------------------------------------------------------------------------------
 # Reading a cache
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def rebuild_hint(manifest: dict, cache_root: Path) -> str:
@@ -89,7 +84,7 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
             f"{list(data.CLASSES)}; {rebuild_hint(manifest, cache_root)}"
         )
     labels_path = Path(manifest["source_root"]) / data.LABELS_FILE
-    if labels_path.is_file() and file_sha256(labels_path) != manifest["labels_sha256"]:
+    if labels_path.is_file() and checkpoints.file_sha256(labels_path) != manifest["labels_sha256"]:
         raise DataError(
             f"the cache {cache_root} is stale: {labels_path} changed since the cache was "
             f"made; {rebuild_hint(manifest, cache_root)}"
@@ -342,7 +337,7 @@ def write_cache(
         "version": CACHE_VERSION,
         "size": size,
         "source_root": str(root),
-        "labels_sha256": file_sha256(labels_path),
+        "labels_sha256": checkpoints.file_sha256(labels_path),
         "num_labels": len(source.label_table) - 1,
         "classes": list(data.CLASSES),
         "image_array": "(N, 3, size, size) uint8 RGB, antialiased bilinear resize",
