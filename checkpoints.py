@@ -9,6 +9,7 @@ checks it, rebuilds its model, and keeps the run folder's metrics.jsonl in step 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -31,6 +32,8 @@ import models
 CHECKPOINT_FORMAT = "segmentation-lab/1"
 # What every checkpoint holds; main.make_checkpoint writes these and the training state.
 REQUIRED_KEYS = ("model_config", "model_state", "classes", "img_size", "epoch", "args")
+# What a checkpoint must also hold to continue its run.
+RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "step", "best_miou")
 
 
 class CheckpointError(Exception):
@@ -39,7 +42,15 @@ class CheckpointError(Exception):
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write atomically: a temporary file in the same folder, flushed to disk, then renamed
-    over `path`. A crash at any moment leaves either the old or the new file, both whole."""
+    over `path`. A crash at any moment leaves either the old or the new file, both whole.
+    A state holding a NaN or infinite tensor is refused: it would replace a good file."""
+    bad = non_finite_tensors(state)
+    if bad:
+        kept = "the previous one is kept" if path.exists() else "there is no earlier one"
+        raise CheckpointError(
+            f"not writing {path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}), "
+            f"the run diverged; {kept}. Lower --lr, or try --no-amp"
+        )
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
@@ -82,7 +93,69 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    check_types(checkpoint, path, {"img_size": int, "epoch": int, "args": dict})
+    if checkpoint["img_size"] <= 0 or checkpoint["epoch"] < 0:
+        raise CheckpointError(f"{path}: its img_size or epoch is out of range")
+    bad = non_finite_tensors(checkpoint)
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}), the run that "
+            "wrote it diverged; use an earlier checkpoint"
+        )
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, path: str | Path) -> None:
+    """Refuse a checkpoint that lacks the training state `--resume` needs."""
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} cannot be resumed: it lacks {', '.join(missing)} (test and predict can "
+            "still use it)"
+        )
+    check_types(
+        checkpoint,
+        path,
+        {
+            "optimizer_state": dict,
+            "scheduler_state": dict,
+            "scaler_state": dict,
+            "step": int,
+            "best_miou": (int, float),
+            "position": dict,
+        },
+    )
+
+
+def check_types(checkpoint: dict, path: str | Path, types: dict) -> None:
+    """CheckpointError naming the first of `types`' keys whose value has another type (bool
+    is not taken for int); absent keys are not checked."""
+    for key, expected in types.items():
+        value = checkpoint.get(key)
+        if key in checkpoint and (isinstance(value, bool) or not isinstance(value, expected)):
+            raise CheckpointError(
+                f"{path}: its {key} is a {type(value).__name__}, not a "
+                f"{getattr(expected, '__name__', 'number')}; the file is damaged or not ours"
+            )
+
+
+def non_finite_tensors(state, prefix: str = "") -> list[str]:
+    """The keys (dotted paths) of the floating-point tensors in `state`, a checkpoint's
+    nested dicts and lists, that hold a NaN or an infinity."""
+    if torch.is_tensor(state):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return [] if finite else [prefix]
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [
+        key
+        for name, value in items
+        for key in non_finite_tensors(value, f"{prefix}.{name}" if prefix else str(name))
+    ]
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
@@ -135,15 +208,61 @@ def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:
 # The run folder
 
 
-def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool = True) -> None:
-    """Make the run's folder ready (the main process creates it). A new run never overwrites
-    an older one; a resumed run continues in the folder of its checkpoint."""
+# The files of a run: a new run never starts in a folder that holds one of them.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+def run_files_in(run_dir: Path) -> list[str]:
+    """The names of the run files (checkpoints, metrics, TensorBoard events) in `run_dir`."""
+    if not run_dir.is_dir():
+        return []
+    names = [name for name in RUN_FILES if (run_dir / name).exists()]
+    return names + sorted(p.name for p in run_dir.glob(EVENTS_GLOB))[:1]
+
+
+def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to continue (None: a new run).
+
+    `resume` is None (a new run in LOGDIR/NAME), the path of a run's last.pt, or "auto":
+    LOGDIR/NAME/last.pt when it exists, else a new run there, so that the same command,
+    launched again (a requeued cluster job), continues its run.
+    """
+    if resume is None or resume == "auto":
+        if name is None:
+            raise CheckpointError("--resume auto needs --name: it continues LOGDIR/NAME")
+        run_dir = Path(logdir) / name
+        last = run_dir / "last.pt"
+        return run_dir, (last if resume == "auto" and last.exists() else None)
+    path = Path(resume)
+    if path.name == "best.pt":
+        raise CheckpointError(
+            f"--resume {path}: best.pt is the best epoch's model, not where the run stopped; "
+            f"resume {path.with_name('last.pt')}"
+        )
+    if path.name != "last.pt":
+        raise CheckpointError(
+            f"--resume {path}: resume a run's last.pt (its folder is the run's), or use auto"
+        )
+    return path.parent, path
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool, restart: bool) -> None:
+    """Make the run's folder ready (the main process creates it). A new run never writes
+    over the files of another one; a resumed run continues in the folder of its checkpoint.
+
+    `restart`: the folder may hold the metrics and events of a run that never wrote a
+    checkpoint (`--resume auto` of a run killed in its first epoch); they are dropped.
+    """
     # Every process checks, so that under torchrun all of them stop with this message
     # instead of the others failing later on a connection that rank 0 closed.
-    if not resuming and (run_dir / "last.pt").exists():
+    found = run_files_in(run_dir)
+    has_checkpoint = bool({"last.pt", "best.pt"} & set(found))
+    if not resuming and found and not (restart and not has_checkpoint):
         raise CheckpointError(
-            f"{run_dir} already holds a run: continue it with --resume {run_dir}/last.pt "
-            "or choose another --name"
+            f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume "
+            f"{run_dir}/last.pt (or --resume auto --name {run_dir.name}), or choose another "
+            "--name"
         )
     if not main_process:
         return
@@ -153,6 +272,44 @@ def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool = True) ->
         leftover.unlink()
     if not resuming:  # drop the lines of a run killed before its first checkpoint
         trim_jsonl(run_dir / "metrics.jsonl", 0)
+
+
+class RunFolderLock:
+    """One process per run folder: an exclusive lock on RUN_DIR/.lock, held from `with`
+    to its end (by the main process only: `active`). The kernel releases it when the
+    process ends in any way, kill -9 included, so it is never left stale. The file holds
+    the holder's process id and host, for the message."""
+
+    def __init__(self, run_dir: Path, active: bool = True) -> None:
+        self.run_dir, self.active, self.file = run_dir, active, None
+
+    def __enter__(self) -> RunFolderLock:
+        if not self.active:
+            return self
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 (held while training)
+        except OSError as error:
+            raise CheckpointError(f"cannot use the run folder {self.run_dir}: {error}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CheckpointError(
+                f"{self.run_dir} is in use by process {holder}: one run folder, one training; "
+                "wait for it to end, or choose another --name"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
 
 
 def append_jsonl(path: Path, record: dict) -> None:

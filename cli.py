@@ -81,3 +81,39 @@ def run(
             raise
         print(f"error: {message} (the program needs it)", file=sys.stderr)
         return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def minutes(text: str) -> float:
+    """argparse type of a duration in minutes: a finite number >= 0 (0: never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
+    return value
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line `argv` of `parser`
+    (a subcommand's parser), told apart from those left at their defaults: parsed again
+    with every default hidden."""
+    saved = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action, default in saved.items():
+            action.default = default

@@ -35,6 +35,11 @@ def setup_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world_size, local_rank
 
 
+def world_size() -> int:
+    """The number of training processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_main_process() -> bool:
     """True in the one process that prints, logs and saves (rank 0, or the only one)."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -49,12 +54,38 @@ def distribute(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def training_model(
+    model: nn.Module, device: torch.device, sync_bn: bool = False, compile: bool = False
+) -> nn.Module:
+    """The model as the training step calls it: with SyncBatchNorm (`sync_bn`, batch
+    statistics over all processes instead of each process's few frames), wrapped in
+    DistributedDataParallel under torchrun, and compiled by torch.compile (`compile`).
+
+    `model` itself keeps its parameters (SyncBatchNorm is converted in place and has the
+    same state_dict), so checkpoints and evaluation use it unwrapped and uncompiled.
+    """
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if sync_bn and distributed:
+        if device.type != "cuda":
+            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only")
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = distribute(model, device)
+    if compile:
+        # Compiled once per input shape: the training crops all have one shape, and the
+        # last incomplete batch is dropped, so this compiles once (tens of seconds).
+        train_model = torch.compile(train_model)
+    return train_model
+
+
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """ "auto" is the GPU of this process when there is one, else the CPU."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    # Every training batch has the same shape: let cuDNN time its algorithms once and keep
+    # the fastest (results may differ in the last bits from run to run).
+    torch.backends.cudnn.benchmark = True
     return torch.device("cuda", local_rank)
 
 

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ import export
 import losses
 import metrics
 import models
+import preemption
+import runstate
 import utils
 from checkpoints import CheckpointError
 
@@ -47,7 +50,7 @@ NUM_PREVIEW_IMAGES = 4  # validation frames shown in TensorBoard every epoch
 
 
 class TrainingStopped(Exception):
-    """Training gave up (too many NaN losses); the last good checkpoint is kept."""
+    """Training gave up (weights or losses not finite); the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,8 +66,15 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    health: runstate.TrainingHealth  # loss and skipped steps, summed on the device
     step: int = 0  # optimizer steps taken: the x-axis of every TensorBoard curve
-    bad_steps_in_a_row: int = 0  # non-finite losses since the last good step
+    epoch: int = 0  # epochs done
+    batches_done: int = 0  # batches of the current epoch done (a run stopped mid-epoch)
+    loss_sum: float = 0.0  # this epoch's summed loss of the good steps, as of the last check
+    good_steps: int = 0  # this epoch's steps with finite gradients, as of the last check
+    best_miou: float = -1.0
+    metrics: dict | None = None  # the last validation's scores
+    random_states: dict | None = None  # of a run stopped mid-epoch, put back when resuming
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,12 @@ class StepOptions:
     """How each training step runs, from the command line."""
 
     amp: bool  # mixed precision in the forward pass
+    amp_dtype: torch.dtype  # float16 (with loss scaling) or bfloat16
     channels_last: bool  # memory format of the images
     jitter: float  # strength of data.jitter_colors (0: off)
     clip_grad: float  # max gradient norm (0: no clipping)
-    max_bad_steps: int  # non-finite losses in a row before giving up
+    max_bad_steps: int  # non-finite steps in a row before giving up
+    log_every: int  # steps between checks: the only times the host waits for the device
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -97,73 +109,87 @@ def train_one_epoch(
     options: StepOptions,
     description: str,
     writer,
-) -> float:
-    """One pass over the training set; returns the mean loss of the steps taken.
+    stop: preemption.StopRequests,
+    save_position: Callable[[], None],
+) -> bool:
+    """One pass over the training set, from batch `run.batches_done` on. Returns True when
+    a stop was requested (a cluster's signal): the position is then saved.
 
-    `train_model` is `run.model`, wrapped in DistributedDataParallel under torchrun.
+    `train_model` is `run.model`, wrapped in DistributedDataParallel under torchrun and
+    compiled with --compile. The step never waits for the device: the loss scaler skips
+    a step whose gradients are not finite, and the loss is read every `log_every` steps.
     """
     train_model.train()
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    total_loss, good_steps, skipped = 0.0, 0, 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=description, disable=not devices.is_main_process())
+    total = run.batches_done + len(loader)
+    bar = tqdm(
+        loader, desc=description, initial=run.batches_done, total=total,
+        disable=not devices.is_main_process(),
+    )  # fmt: skip
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
         images = data.jitter_colors(images, options.jitter)
         images = data.normalize(images).contiguous(memory_format=memory_format)
 
-        with devices.autocast(device, enabled=options.amp):
+        with devices.autocast(device, enabled=options.amp, dtype=options.amp_dtype):
             logits = train_model(images)
         loss = run.loss_fn(logits, targets)  # the losses compute in float32
-        if not loss_is_finite(loss, run, options.max_bad_steps):
-            skipped += 1
-            continue
 
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
-        if options.clip_grad > 0:
-            run.scaler.unscale_(run.optimizer)
-            nn.utils.clip_grad_norm_(train_model.parameters(), options.clip_grad)
-        run.scaler.step(run.optimizer)
+        run.scaler.unscale_(run.optimizer)
+        # The norm is also the step's health: NaN or inf when a gradient is.
+        grad_norm = nn.utils.clip_grad_norm_(
+            train_model.parameters(), options.clip_grad or math.inf
+        )
+        run.scaler.step(run.optimizer)  # skipped, on the device, when a gradient is not finite
         run.scaler.update()
         run.scheduler.step()
         run.step += 1
+        run.batches_done += 1
+        run.health.record(loss, grad_norm)
 
-        loss_value = loss.item()
-        total_loss += loss_value
-        good_steps += 1
-        frames_per_second = good_steps * len(images) / (time.perf_counter() - start)
-        lr = run.optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", fps=f"{frames_per_second:.1f}")
-        if writer is not None:
-            writer.add_scalar("train/loss", loss_value, run.step)
-            writer.add_scalar("train/lr", lr, run.step)
-    if skipped:
-        print(f"{description}: skipped {skipped} steps with a non-finite loss")
-    return total_loss / good_steps if good_steps else math.nan
-
-
-def loss_is_finite(loss: torch.Tensor, run: Run, max_bad_steps: int) -> bool:
-    """False for a NaN or inf loss (fp16 overflow, a bad batch), which must not reach the
-    weights; TrainingStopped after `max_bad_steps` of them in a row."""
-    finite = torch.isfinite(loss).to(torch.float32)
-    # Under DDP every process has to take the same decision, or the gradient sync hangs.
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 1:
-        run.bad_steps_in_a_row = 0
-        return True
-    run.optimizer.zero_grad(set_to_none=True)
-    run.bad_steps_in_a_row += 1
-    tqdm.write(f"warning: non-finite loss at step {run.step}, step skipped")
-    if run.bad_steps_in_a_row >= max_bad_steps:
-        raise TrainingStopped(
-            f"{run.bad_steps_in_a_row} non-finite losses in a row (--max-bad-steps "
-            f"{max_bad_steps}): training stopped, the last good checkpoint is kept. "
-            "Lower --lr, or try --no-amp."
-        )
+        at_check = run.step % options.log_every == 0 or run.batches_done == total
+        if at_check:
+            check_progress(run, bar, writer, options.max_bad_steps)
+        save, stop_now = stop.poll(at_check, device)
+        if save:
+            if not at_check:  # the weights are checked before every checkpoint
+                check_progress(run, bar, writer, options.max_bad_steps)
+            save_position()
+        if stop_now:
+            return True
     return False
+
+
+def check_progress(run: Run, bar, writer, max_bad_steps: int) -> None:
+    """Read the loss and the skipped steps since the last check (the one moment the host
+    waits for the device), show and log them; TrainingStopped when a weight is no longer
+    finite or `max_bad_steps` steps in a row were skipped."""
+    last_good = "the last good checkpoint is kept. Lower --lr, or try --no-amp"
+    try:
+        loss_sum, good, bad, most_in_a_row = run.health.check(run.model)
+    except runstate.NonFiniteWeights as error:
+        raise TrainingStopped(
+            f"weights became NaN or infinite by step {run.step} ({error}): training "
+            f"stopped, {last_good}"
+        ) from None
+    run.loss_sum += loss_sum
+    run.good_steps += good
+    if bad:
+        tqdm.write(f"warning: {bad} step(s) skipped for non-finite gradients by step {run.step}")
+    if most_in_a_row >= max_bad_steps:
+        raise TrainingStopped(
+            f"{most_in_a_row} non-finite steps in a row (--max-bad-steps {max_bad_steps}): "
+            f"training stopped, {last_good}"
+        )
+    if good:
+        lr = run.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{loss_sum / good:.3f}", lr=f"{lr:.2e}")
+        if writer is not None:
+            writer.add_scalar("train/loss", loss_sum / good, run.step)
+            writer.add_scalar("train/lr", lr, run.step)
 
 
 @torch.no_grad()
@@ -207,43 +233,63 @@ def evaluate(
 
 
 def train(args: argparse.Namespace) -> int:
-    """The `train` command: build the run (data, model, loss, optimizer), then train and
-    validate epoch by epoch, saving last.pt and best.pt."""
-    resume = checkpoints.load_checkpoint(args.resume) if args.resume else None
+    """The `train` command: start a run, or continue one (--resume), in a run folder that
+    no other process uses meanwhile; SIGTERM and SIGUSR1 stop it resumably."""
+    run_dir, resume_path = checkpoints.find_resume(args.resume, args.logdir, args.name)
+    devices.setup_distributed()
+    with (
+        checkpoints.RunFolderLock(run_dir, devices.is_main_process()),
+        preemption.StopRequests(args.checkpoint_minutes) as stop,
+    ):
+        return train_in(run_dir, resume_path, args, stop)
+
+
+def train_in(run_dir: Path, resume_path: Path | None, args: argparse.Namespace, stop) -> int:
+    """Build the run (data, model, loss, optimizer), then train and validate epoch by
+    epoch, saving last.pt and best.pt. Returns the exit status."""
+    resume = checkpoints.load_checkpoint(resume_path) if resume_path else None
     if resume is not None:
+        checkpoints.check_resumable(resume, resume_path)
         args = restore_args(args, resume)
         if resume["epoch"] >= args.epochs:
-            print(f"{args.resume}: the run is finished ({args.epochs} epochs); nothing to do")
+            print(f"{resume_path}: the run is finished ({args.epochs} epochs); nothing to do")
             return 0
     args.datadir = args.datadir or data.default_datadir()
     args.workers = 2 if args.workers is None else args.workers
-    rank, world_size, local_rank = devices.setup_distributed()
-    device = devices.pick_device(args.device, local_rank)
+    device = devices.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower on
     # others: opt in with --amp after `python bench.py` says it pays.
     args.amp = device.type == "cuda" if args.amp is None else args.amp
+    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    run_dir = Path(args.resume).parent if args.resume else Path(args.logdir) / args.name
-    checkpoints.prepare_run_dir(run_dir, resume is not None, devices.is_main_process())
+    checkpoints.prepare_run_dir(
+        run_dir, resume is not None, devices.is_main_process(), restart=args.resume == "auto"
+    )
     devices.seed_everything(args.seed)
 
     # The data: loaders of uint8 images and class ids, from PNGs or a cache.
-    train_loader, val_loader = data.get_dataloaders(
+    default_loaders = data.get_dataloaders(
         args.datadir, args.areas, args.val_areas, args.img_size, args.batch_size,
         args.workers, args.subset, args.val_fraction, args.seed,
         pin_memory=device.type == "cuda", skip_bad=args.skip_bad,
         open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
     )  # fmt: skip
-    train_set, val_set = train_loader.dataset, val_loader.dataset
+    val_loader = default_loaders[1]
+    train_set, val_set = default_loaders[0].dataset, val_loader.dataset
+    # Batches that depend on (seed, epoch, batch) only, not on the loader workers: a run
+    # can stop anywhere and continue exactly.
+    train_loader = runstate.training_loader(
+        train_set, args.batch_size, args.workers, device.type == "cuda", args.seed
+    )
     if len(train_loader) == 0:
         raise data.DataError(
-            f"{len(train_set)} training frames make no full batch of {args.batch_size}: "
-            "lower --batch-size or use more frames"
+            f"{len(train_set)} training frames make no full batch of {args.batch_size} per "
+            "process: lower --batch-size or use more frames"
         )
     if devices.is_main_process():
         print(
             f"{len(train_set)} training frames, {len(val_set)} validation frames, "
-            f"device {device}, {world_size} process(es)"
+            f"device {device}, {devices.world_size()} process(es)"
         )
 
     # The run: model, loss, optimizer with its learning rate schedule, loss scaler.
@@ -256,69 +302,102 @@ def train(args: argparse.Namespace) -> int:
         model, args.lr, args.weight_decay, args.schedule, args.warmup_steps,
         total_steps=args.epochs * len(train_loader),
     )  # fmt: skip
-    # Loss scaling keeps small float16 gradients from vanishing; with bfloat16 or float32
-    # it is not needed and the scaler is a no-op.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    run = Run(model, loss_fn, optimizer, scheduler, scaler)
-    start_epoch, best_miou = restore_run(run, resume, args.resume) if resume else (0, -1.0)
-    train_model = devices.distribute(model, device)
+    scaler = loss_scaler(device, args.amp and args.amp_dtype == "float16")
+    run = Run(model, loss_fn, optimizer, scheduler, scaler, runstate.TrainingHealth(device))
+    if resume is not None:
+        restore_run(run, resume, resume_path)
+    train_model = devices.training_model(model, device, args.sync_bn, args.compile)
 
     writer, preview = None, None
     if devices.is_main_process():
         if resume is not None:
-            print(f"resuming {run_dir} after epoch {start_epoch}")
-            checkpoints.trim_jsonl(run_dir / "metrics.jsonl", start_epoch)
+            print(f"resuming {run_dir} at epoch {run.epoch + 1}, batch {run.batches_done + 1}")
+            checkpoints.trim_jsonl(run_dir / "metrics.jsonl", run.epoch)
         writer = open_tensorboard(run_dir, resume is not None, run.step, args, model_config)
         preview = preview_batch(val_set, NUM_PREVIEW_IMAGES)
 
     options = StepOptions(
-        args.amp, args.channels_last, args.jitter, args.clip_grad, args.max_bad_steps
-    )
-    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        seed_epoch(train_loader, args.seed + epoch, epoch)
+        args.amp, getattr(torch, args.amp_dtype), args.channels_last, args.jitter,
+        args.clip_grad, args.max_bad_steps, args.log_every,
+    )  # fmt: skip
+    save_position = functools.partial(save_mid_epoch, run, run_dir, model_config, args)
+    # --stop-after counts the epochs of this invocation (a partial one included).
+    end_epoch = args.epochs if args.stop_after is None else run.epoch + args.stop_after
+    for epoch in range(run.epoch, min(end_epoch, args.epochs)):
+        seed_epoch(train_loader, args.seed + epoch, epoch, run)
         epoch_start = time.perf_counter()
         description = f"epoch {epoch + 1}/{args.epochs}"
-        train_loss = train_one_epoch(
-            run, train_model, train_loader, device, options, description, writer
-        )
+        if train_one_epoch(
+            run, train_model, train_loader, device, options, description, writer, stop,
+            save_position,
+        ):  # fmt: skip
+            return stopped_on_request(run, run_dir, stop, writer)
+        train_loss = runstate.mean_or_nan(run.loss_sum, run.good_steps)
         confusion = evaluate(model, val_loader, device, args.amp, args.channels_last)
         results = confusion.compute()
         report_bad_frames(train_set, val_set)
-        if not devices.is_main_process():
-            continue
-
-        print(metrics.format_report(results, data.CLASSES))
-        print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {results['miou']:.4f}")
-        log_validation(writer, results, confusion, model, preview, device, args.amp, run.step)
-        record = {
-            "epoch": epoch + 1,
-            "step": run.step,
-            "train_loss": train_loss,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - epoch_start,
-            "val": results,
-        }
-        is_best = results["miou"] > best_miou
-        best_miou = max(best_miou, results["miou"])
-        checkpoint = make_checkpoint(run, model_config, args, epoch + 1, results, best_miou)
-        save_epoch(run_dir, record, checkpoint, is_best)
+        is_best = results["miou"] > run.best_miou
+        run.epoch, run.batches_done, run.loss_sum, run.good_steps = epoch + 1, 0, 0.0, 0
+        run.best_miou, run.metrics = max(run.best_miou, results["miou"]), results
+        if devices.is_main_process():
+            print(metrics.format_report(results, data.CLASSES))
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {results['miou']:.4f}")
+            log_validation(writer, results, confusion, model, preview, device, args.amp, run.step)
+            record = {
+                "epoch": epoch + 1,
+                "step": run.step,
+                "train_loss": train_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,
+                "val": results,
+            }
+            save_epoch(run_dir, record, make_checkpoint(run, model_config, args), is_best)
+        if stop.poll(True, device)[1]:  # a signal during validation: the epoch is saved
+            return stopped_on_request(run, run_dir, stop, writer)
 
     if writer is not None:
         writer.close()
-        print(f"best val mIoU {best_miou:.4f}; checkpoints in {run_dir}")
+        print(f"best val mIoU {run.best_miou:.4f}; checkpoints in {run_dir}")
     if dist.is_initialized():
         dist.barrier()
     return 0
 
 
-def seed_epoch(loader, seed: int, epoch: int) -> None:
-    """Data order and augmentations depend only on (seed, epoch, number of workers), so
-    that a resumed run sees the same batches as an uninterrupted one."""
+def seed_epoch(loader, seed: int, epoch: int, run: Run) -> None:
+    """Data order and augmentations depend only on (seed, epoch), so that a resumed run
+    sees the same batches as an uninterrupted one; a run stopped in the middle of the epoch
+    continues at its batch, with its random states."""
     torch.manual_seed(seed)
-    loader.generator.manual_seed(seed)
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch, run.batches_done)
+    if run.random_states is not None:
+        runstate.restore_random_states(run.random_states)
+        run.random_states = None
+
+
+def loss_scaler(device: torch.device, float16: bool) -> torch.amp.GradScaler:
+    """The loss scaler: with float16 it keeps small gradients from vanishing (a dynamic
+    scale); in every precision it skips, on the device, a step whose gradients are not
+    finite, so that the step never waits for the host to decide."""
+    if float16:
+        return torch.amp.GradScaler(device.type)
+    # A fixed scale of 1: a backoff factor that rounds to 1 in float32, no growth.
+    return torch.amp.GradScaler(
+        device.type, init_scale=1.0, backoff_factor=1 - 1e-9, growth_interval=2**31 - 1
+    )
+
+
+def stopped_on_request(run: Run, run_dir: Path, stop, writer) -> int:
+    """The last words of a run stopped by a signal, its position saved: exit status
+    EXIT_RESUMABLE."""
+    if writer is not None:
+        writer.close()
+    if devices.is_main_process():
+        print(
+            f"stopped ({stop.describe()}) at epoch {run.epoch + 1}, batch {run.batches_done}: "
+            f"resumable, continue with --resume {run_dir / 'last.pt'} (exit status "
+            f"{preemption.EXIT_RESUMABLE})"
+        )
+    return preemption.EXIT_RESUMABLE
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -351,7 +430,9 @@ def build_optimizer(
     total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW, and its learning rate: a warmup of at most half the steps, then the decay."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # fused: one kernel for all parameters, and the loss scaler can skip a step on the
+    # device (found_inf) instead of asking the host.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     warmup_steps = min(warmup_steps, total_steps // 2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, schedule)
@@ -362,11 +443,30 @@ def build_optimizer(
 def save_epoch(run_dir: Path, record: dict, checkpoint: dict, is_best: bool) -> None:
     """The epoch's line of metrics.jsonl, then last.pt (and best.pt when it is the best)."""
     # The metrics line goes first: if the run dies before the checkpoint is written,
-    # resuming trims the line and trains the epoch again.
+    # resuming trims the line and trains the epoch again. last.pt before best.pt: a run
+    # folder with a best.pt always has its last.pt.
     checkpoints.append_jsonl(run_dir / "metrics.jsonl", record)
+    checkpoints.save_checkpoint(checkpoint, run_dir / "last.pt")
     if is_best:
         checkpoints.save_checkpoint(checkpoint, run_dir / "best.pt")
-    checkpoints.save_checkpoint(checkpoint, run_dir / "last.pt")
+
+
+def save_mid_epoch(run: Run, run_dir: Path, model_config: dict, args) -> None:
+    """last.pt in the middle of an epoch (a stop request, --checkpoint-minutes): the run,
+    its position in the epoch's data order and its random states. Every process calls it;
+    rank 0 writes, and the others wait until the file is whole."""
+    if devices.is_main_process():
+        position = {
+            "batches_done": run.batches_done,
+            "loss_sum": run.loss_sum,
+            "good_steps": run.good_steps,
+            "random_states": runstate.random_states(),
+        }
+        checkpoint = make_checkpoint(run, model_config, args, position)
+        checkpoints.save_checkpoint(checkpoint, run_dir / "last.pt")
+        tqdm.write(f"saved {run_dir / 'last.pt'} at step {run.step}")
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def report_bad_frames(*subsets) -> None:
@@ -434,53 +534,88 @@ def log_validation(writer, results: dict, confusion, model, preview, device, amp
 
 def plain_args(args: argparse.Namespace) -> dict:
     """The arguments as JSON-compatible data, for checkpoints and TensorBoard."""
-    return {key: value for key, value in vars(args).items() if key != "func"}
+    return {key: value for key, value in vars(args).items() if key not in ("func", "given")}
 
 
 def make_checkpoint(
-    run: Run, model_config: dict, args: argparse.Namespace, epoch: int, results, best_miou
+    run: Run, model_config: dict, args: argparse.Namespace, position: dict | None = None
 ) -> dict:
     """Everything needed to use the model (config, classes, image size, normalization) and
-    to resume the run (optimizer, scheduler, scaler, counters, arguments), as plain data."""
-    return {
+    to resume the run (optimizer, scheduler, scaler, counters, arguments, and for a run
+    stopped mid-epoch its `position`), as plain data."""
+    checkpoint = {
         "format": checkpoints.CHECKPOINT_FORMAT,
         "model_config": model_config,
         "model_state": run.model.state_dict(),
         "classes": list(data.CLASSES),
         "img_size": args.img_size,
         "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
-        "epoch": epoch,
+        "epoch": run.epoch,
         "step": run.step,
-        "metrics": results,
-        "best_miou": best_miou,
+        "metrics": run.metrics or {},
+        "best_miou": run.best_miou,
         "args": plain_args(args),
         "optimizer_state": run.optimizer.state_dict(),
         "scheduler_state": run.scheduler.state_dict(),
         "scaler_state": run.scaler.state_dict(),
     }
+    if position is not None:
+        checkpoint["position"] = position
+    return checkpoint
 
 
-def restore_run(run: Run, checkpoint: dict, path: str) -> tuple[int, float]:
-    """Load the states of a checkpoint into `run`; returns (epochs done, best val mIoU)."""
+def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
+    """Load the states and counters of a checkpoint into `run`."""
     checkpoints.load_model_state(run.model, checkpoint["model_state"], path)
-    run.optimizer.load_state_dict(checkpoint["optimizer_state"])
-    run.scheduler.load_state_dict(checkpoint["scheduler_state"])
-    run.scaler.load_state_dict(checkpoint["scaler_state"])
-    run.step = checkpoint["step"]
-    return checkpoint["epoch"], checkpoint["best_miou"]
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        run.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        if checkpoint["scaler_state"]:  # empty: saved when the scaler was off
+            run.scaler.load_state_dict(checkpoint["scaler_state"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its training state does not fit ({error})") from None
+    run.step, run.epoch = checkpoint["step"], checkpoint["epoch"]
+    run.best_miou, run.metrics = checkpoint["best_miou"], checkpoint["metrics"]
+    position = checkpoint.get("position")
+    if position is not None:
+        run.batches_done, run.random_states = position["batches_done"], position["random_states"]
+        run.loss_sum, run.good_steps = position["loss_sum"], position["good_steps"]
+
+
+# Flags that say how to run, not what is trained: a resumed run may give other values.
+HOW_TO_RUN = frozenset(
+    {
+        "resume", "datadir", "device", "workers", "stop_after", "checkpoint_minutes",
+        "log_every", "compile", "channels_last", "skip_bad", "max_bad_steps", "logdir", "name",
+    }
+)  # fmt: skip
 
 
 def restore_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
-    """A resumed run keeps its configuration; only where to read data and how to run may
-    change (datadir, device, workers)."""
+    """A resumed run keeps its configuration: a flag given beside --resume that would change
+    it is refused by name; only where to read data and how to run may change (HOW_TO_RUN)."""
+    saved = checkpoint["args"]
+    changed = [
+        f"--{key.replace('_', '-')} {getattr(args, key)} (the run has {saved[key]})"
+        for key in sorted(getattr(args, "given", set()) - HOW_TO_RUN)
+        if key in saved and getattr(args, key) != saved[key]
+    ]
+    if changed:
+        raise devices.UsageError(
+            f"a resumed run keeps its configuration; not applied: {'; '.join(changed)}. Drop "
+            "them, or start a new run with another --name"
+        )
     # An option the checkpoint predates takes its value from this command line.
-    restored = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
-    for key in ("resume", "device", "stop_after", "func"):
-        setattr(restored, key, getattr(args, key))
-    restored.datadir = args.datadir or data.default_datadir(restored.datadir)
+    restored = argparse.Namespace(**{**vars(args), **saved})
+    for key in HOW_TO_RUN | {"func", "given"}:
+        if hasattr(args, key):
+            setattr(restored, key, getattr(args, key))
+    restored.datadir = args.datadir or data.default_datadir(saved.get("datadir"))
     if isinstance(restored.pretrained, bool):  # a run from when --pretrained was a switch
         restored.pretrained = "imagenet" if restored.pretrained else "none"
-    restored.workers = restored.workers if args.workers is None else args.workers
+    for key in ("workers", "channels_last"):  # unset: the run's own
+        if getattr(args, key) is None:
+            setattr(restored, key, saved.get(key))
     return restored
 
 
@@ -778,7 +913,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--logdir", default="runs", help="where runs are written")
     add("--name", default=None, help="run name (default: model and time)")
-    add("--resume", default=None, help="continue the run of this last.pt")
+    add(
+        "--resume",
+        default=None,
+        metavar="LAST_PT|auto",
+        help="continue the run of this last.pt (its own configuration); auto: continue "
+        "LOGDIR/NAME/last.pt if it exists, else start it (the same command relaunched "
+        "continues)",
+    )
     add("--seed", type=int, default=0, help="random seed")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     add(
@@ -794,15 +936,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels_last memory format (default: on for CUDA)",
     )
     add(
+        "--amp-dtype",
+        default=None,
+        choices=("float16", "bfloat16"),
+        help="with --amp: float16 (with loss scaling) or bfloat16 (default: float16 on CUDA, "
+        "bfloat16 on CPU)",
+    )
+    add(
         "--stop-after",
-        type=int,
+        type=cli.positive_int,
         default=None,
         metavar="EPOCHS",
-        help="end this invocation after EPOCHS epochs (e.g. a cluster time limit); "
-        "continue later with --resume",
+        help="end this invocation after EPOCHS epochs of training (e.g. a cluster time "
+        "limit); continue later with --resume",
+    )
+    add(
+        "--checkpoint-minutes",
+        type=cli.minutes,
+        default=0.0,
+        metavar="MINUTES",
+        help="also save last.pt in the middle of an epoch this often (0: only at the end of "
+        "each epoch and on SIGTERM/SIGUSR1), to bound what a crash can cost",
+    )
+    add(
+        "--log-every",
+        type=cli.positive_int,
+        default=10,
+        metavar="STEPS",
+        help="read the loss, log it and check the weights every STEPS steps: the only "
+        "times the training step waits for the GPU",
+    )
+    add(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: batch norm statistics over all processes' frames",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (a compile of tens of seconds first)",
     )
     add("--skip-bad", action="store_true", help="skip unreadable frames instead of stopping")
-    add("--max-bad-steps", type=int, default=20, help="stop after this many NaN losses in a row")
+    add(
+        "--max-bad-steps",
+        type=cli.positive_int,
+        default=20,
+        help="stop after this many steps in a row with non-finite gradients",
+    )
 
     test_parser = commands.add_parser(
         "test", help="evaluate a checkpoint", formatter_class=defaults
@@ -867,14 +1047,25 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "name", "") is None:
-        args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        # What the command line sets, apart from the defaults: a resumed run checks it.
+        args.given = cli.given_options(train_parser_of(parser), argv[1:]) - {"func"}
+        if args.name is None and args.resume != "auto":
+            args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return cli.run(args.func, args, USER_ERRORS)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train_parser_of(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` subcommand's parser."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
 
 
 if __name__ == "__main__":
