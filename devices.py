@@ -40,6 +40,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process ended (it failed on
+    its own, and said why); this process then only has to stop."""
+    if not dist.is_initialized() or not isinstance(error, RuntimeError):
+        return False
+    message = str(error)
+    return isinstance(error, dist.DistError) or any(
+        text in message
+        for text in ("Connection closed by peer", "Connection reset by peer", "remote worker")
+    )
+
+
 def is_main_process() -> bool:
     """True in the one process that prints, logs and saves (rank 0, or the only one)."""
     return not dist.is_initialized() or dist.get_rank() == 0

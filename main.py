@@ -275,6 +275,7 @@ def train_in(run_dir: Path, resume_path: Path | None, args: argparse.Namespace, 
         open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
     )  # fmt: skip
     val_loader = default_loaders[1]
+    val_loader.worker_init_fn = runstate.ignore_stop_signals
     train_set, val_set = default_loaders[0].dataset, val_loader.dataset
     # Batches that depend on (seed, epoch, batch) only, not on the loader workers: a run
     # can stop anywhere and continue exactly.
@@ -1057,6 +1058,15 @@ def main(argv: list[str] | None = None) -> int:
             args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return cli.run(args.func, args, USER_ERRORS)
+    except RuntimeError as error:
+        if not devices.lost_a_peer(error):
+            raise
+        # One line, not a traceback per process: the process that failed printed why.
+        print(
+            f"error: process {dist.get_rank()} stopped: another process ended (see its message)",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

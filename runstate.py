@@ -14,11 +14,14 @@ numbers, and the health of the weights, kept on the device between checks.
 from __future__ import annotations
 
 import math
+import signal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+import preemption
 
 
 def frame_seed(seed: int, epoch: int, index: int) -> int:
@@ -98,7 +101,20 @@ def training_loader(
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
+        # Its own generator for the workers' base seeds (unused: SeededFrames seeds each
+        # frame), so that starting an epoch draws nothing from the training process's.
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of the loaders of a training process: its loader workers ignore the
+    signals that ask training to stop. torchrun and SLURM send them to every process of a
+    job; a worker that died of one would end the training process with an error, before
+    it saves where it is. The training process stops its workers itself."""
+    for number in preemption.STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def random_states() -> dict:
