@@ -144,13 +144,15 @@ class TrainingHealth:
     Every step adds to them without waiting for the device; `check` reads them once (the
     only host synchronization of the loop), every few steps and before every checkpoint.
     A step whose gradients are not finite is skipped by the loss scaler (on the device);
-    it counts in `bad_in_a_row` until a good step resets it.
+    it counts in `bad_in_a_row` until a good step resets it, and `most_in_a_row` keeps the
+    longest such streak since the last check.
     """
 
     def __init__(self, device: torch.device) -> None:
         zero = torch.zeros((), device=device)
         self.loss_sum, self.good_steps = zero.clone(), zero.clone()  # since the last check
         self.bad_steps, self.bad_in_a_row = zero.clone(), zero.clone()
+        self.most_in_a_row = zero.clone()
 
     def record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Add one step: its loss (a 0-d tensor) and its gradient norm (non-finite when the
@@ -160,10 +162,12 @@ class TrainingHealth:
         self.good_steps += good
         self.bad_steps += ~good
         self.bad_in_a_row = torch.where(good, 0.0, self.bad_in_a_row + 1)
+        self.most_in_a_row = torch.maximum(self.most_in_a_row, self.bad_in_a_row)
 
     def check(self, model: nn.Module) -> tuple[float, int, int, int]:
-        """(sum of the good steps' losses, good steps, skipped steps, skipped steps in a row
-        now) since the last check, after checking every weight and buffer of `model`.
+        """(sum of the good steps' losses, good steps, skipped steps, the longest run of
+        skipped steps in a row) since the last check, after checking every weight and
+        buffer of `model`.
 
         Raises NonFiniteWeights when one is NaN or infinite (e.g. a normalization statistic
         that a NaN forward pass reached, or weights that a too-high learning rate blew up).
@@ -171,7 +175,7 @@ class TrainingHealth:
         tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
         weights_finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         values = torch.stack(
-            [self.loss_sum, self.good_steps, self.bad_steps, self.bad_in_a_row, weights_finite]
+            [self.loss_sum, self.good_steps, self.bad_steps, self.most_in_a_row, weights_finite]
         ).tolist()  # the one synchronization
         loss_sum, good, bad, in_a_row, finite = values
         if not finite:
@@ -179,6 +183,7 @@ class TrainingHealth:
         self.loss_sum.zero_()
         self.good_steps.zero_()
         self.bad_steps.zero_()
+        self.most_in_a_row.copy_(self.bad_in_a_row)  # a streak goes on across checks
         return loss_sum, int(good), int(bad), int(in_a_row)
 
 

@@ -1,0 +1,151 @@
+"""The rules of resuming and of run folders: --stop-after per invocation, a resumed run's
+configuration kept, checkpoints that cannot be resumed, run files never written over,
+one process per run folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from test_main import train_args
+
+import checkpoints
+import main
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory) -> Path:
+    """A run of one epoch, finished."""
+    logdir = tmp_path_factory.mktemp("finished")
+    assert main.main(train_args(synthetic_root, logdir, "one", 1)) == 0
+    return logdir / "one"
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_stop_after_counts_the_epochs_of_each_invocation(synthetic_root, tmp_path):
+    args = train_args(synthetic_root, tmp_path, "bits", 3, "--stop-after", "1")
+    assert main.main(args) == 0
+    last = tmp_path / "bits/last.pt"
+    for epochs_done in (2, 3):
+        assert main.main(["train", "--resume", str(last), "--stop-after", "1"]) == 0
+        assert torch.load(last, weights_only=True)["epoch"] == epochs_done
+
+
+def test_flags_that_would_change_a_resumed_run_are_refused_by_name(finished_run, capsys):
+    last = str(finished_run / "last.pt")
+    assert main.main(["train", "--resume", last, "--lr", "0.5", "--img-size", "64"]) == 2
+    line = one_error_line(capsys)
+    assert "--lr 0.5 (the run has 0.001)" in line and "--img-size 64 (the run has 32)" in line
+    # How to run may change, and the run's own values may be repeated.
+    allowed = ["--workers", "1", "--device", "cpu", "--log-every", "2", "--epochs", "1"]
+    assert main.main(["train", "--resume", last, *allowed, "--img-size", "32"]) == 0
+    assert "the run is finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["best.pt", "epoch3.pt"])
+def test_resume_takes_only_a_last_pt(finished_run, capsys, name):
+    assert main.main(["train", "--resume", str(finished_run / name)]) == 2
+    line = one_error_line(capsys)
+    assert "last.pt" in line
+    if name == "best.pt":
+        assert "not where the run stopped" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        *[
+            ((key, None), f"cannot be resumed: it lacks {key}")
+            for key in ("optimizer_state", "scheduler_state", "scaler_state", "step", "best_miou")
+        ],
+        (("img_size", "32"), "its img_size is a str, not a int"),
+        (("epoch", 1.5), "its epoch is a float, not a int"),
+        (("step", True), "its step is a bool, not a int"),
+        (("position", [1]), "its position is a list, not a dict"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else None,
+)
+def test_a_checkpoint_that_cannot_be_resumed_gets_one_line(
+    finished_run, tmp_path, capsys, change, message
+):
+    checkpoint = torch.load(finished_run / "last.pt", weights_only=True)
+    key, value = change
+    if value is None:
+        del checkpoint[key]
+    else:
+        checkpoint[key] = value
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run/last.pt")
+    assert main.main(["train", "--resume", str(tmp_path / "run/last.pt"), "--epochs", "3"]) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "files", [("best.pt",), ("metrics.jsonl",), ("events.out.tfevents.1.host",)], ids=str
+)
+def test_a_new_run_never_writes_over_the_files_of_a_run(synthetic_root, tmp_path, capsys, files):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    for name in files:
+        (run_dir / name).write_bytes(b"an earlier run")
+    assert main.main(train_args(synthetic_root, tmp_path, "taken", 1)) == 2
+    assert "already holds a run" in one_error_line(capsys)
+    for name in files:
+        assert (run_dir / name).read_bytes() == b"an earlier run"
+    # --resume auto starts over only a folder that holds no checkpoint.
+    status = main.main([*train_args(synthetic_root, tmp_path, "taken", 1), "--resume", "auto"])
+    assert status == (2 if "best.pt" in files else 0)
+
+
+def test_resume_auto_needs_a_name(capsys):
+    assert main.main(["train", "--resume", "auto"]) == 2
+    assert "--resume auto needs --name" in one_error_line(capsys)
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import checkpoints
+with checkpoints.RunFolderLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_folder_one_process_and_a_kill_frees_it(finished_run, tmp_path, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(finished_run), str(ROOT)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main.main(["train", "--resume", str(finished_run / "last.pt")]) == 2
+        line = one_error_line(capsys)
+        assert f"is in use by process {holder.pid} on" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # The kernel released the lock with the process: nothing stale is left.
+    assert main.main(["train", "--resume", str(finished_run / "last.pt")]) == 0
+    with (
+        checkpoints.RunFolderLock(finished_run),
+        pytest.raises(checkpoints.CheckpointError),
+        checkpoints.RunFolderLock(finished_run),
+    ):
+        pass
+    lines = [json.loads(x)["epoch"] for x in (finished_run / "metrics.jsonl").open()]
+    assert lines == [1]
