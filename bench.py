@@ -16,7 +16,9 @@ speed-up over it:
   data.jitter_colors on a batch on the device;
 - PNG and label decoding per frame; a metric update per batch against torchmetrics;
 - a training step and an inference step of the demo UNet and of the handout's UNet in
-  float32, channels_last and autocast; the latency of the demo UNet on a full 1080x1080 frame,
+  float32, channels_last and autocast; the step of the training loop itself
+  (main.train_one_epoch), eager and compiled by torch.compile, and how many times per step
+  it makes the host wait for the device; the latency of the demo UNet on a full 1080x1080 frame,
   and of `python main.py predict` on a 1080x1080 photo, PyTorch against onnxruntime.
 
 It also checks that the fast paths give the samples they should and prints the result.
@@ -51,6 +53,7 @@ import cache
 import data
 import devices
 import export
+import losses
 import metrics
 import models
 
@@ -459,6 +462,91 @@ def bench_model(
     return rows
 
 
+class HostWaits:
+    """Counts, while active, the calls that make the host wait for a tensor's value (on
+    a GPU each one drains the queue of work): .item(), .tolist(), bool(), float(), ...
+    Calls made by the DataLoader's and the sampler's own code are left out: their tensors
+    never leave the CPU."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+
+    def __enter__(self) -> HostWaits:
+        for name, original in self.originals.items():
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                self.count += "torch/utils/data" not in caller
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def training_loop_step(
+    device: torch.device, compiled: bool, batch_size: int, steps: int
+) -> tuple[float, float, float]:
+    """(seconds per step, host waits per step, seconds of the first two steps) of the
+    training loop itself, main.train_one_epoch, on the demo UNet in float32 with the
+    default --log-every, over `steps` batches held in memory."""
+    import main
+    import preemption
+    import runstate
+
+    _, num_blocks, base_chan, img_size = DEMO_UNET
+    torch.manual_seed(0)
+    model = models.build_model("unet", data.NUM_CLASSES, num_blocks=num_blocks, base_chan=base_chan)
+    model = model.to(device)
+    loss_fn = losses.build_loss("ce", data.NUM_CLASSES, data.IGNORE_INDEX)
+    optimizer, scheduler = main.build_optimizer(model, 1e-3, 1e-4, "poly", 10, 10 * steps)
+    scaler = main.loss_scaler(device, float16=False)
+    run = main.Run(model, loss_fn, optimizer, scheduler, scaler, runstate.TrainingHealth(device))
+    train_model = devices.training_model(model, device, compile=compiled)
+    log_every = main.build_parser().parse_args(["train"]).log_every
+    options = main.StepOptions(False, torch.bfloat16, False, 0.2, 1.0, 20, log_every)
+    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8)
+    targets = torch.randint(0, data.NUM_CLASSES, (batch_size, img_size, img_size))
+    stop = preemption.StopRequests()
+
+    def epoch(batches: int) -> float:
+        run.batches_done = 0
+        start = time.perf_counter()
+        main.train_one_epoch(
+            run, train_model, [(images, targets.to(torch.uint8))] * batches, device, options,
+            "bench", None, stop, lambda: None,
+        )  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first_steps = epoch(2)  # warm-up; with torch.compile, the compilation
+    with HostWaits() as waits:
+        seconds = epoch(steps)
+    return seconds / steps, waits.count / steps, first_steps
+
+
+def bench_training_loop(device: torch.device, steps: int, compile_too: bool) -> list[dict]:
+    """The training loop's step, eager and compiled, and how often it waits for the device."""
+    name, _, _, img_size = DEMO_UNET
+    batch_size = 32 if device.type == "cuda" else 8
+    group = f"{name}, {img_size}px, main.train_one_epoch step, float32"
+    rows = []
+    for compiled in (False, True) if compile_too else (False,):
+        print(f"  {group}: compiled={compiled}", file=sys.stderr, flush=True)
+        step, waits, first = training_loop_step(device, compiled, batch_size, steps)
+        how = f"torch.compile (first 2 steps: {first:.0f} s)" if compiled else "eager"
+        variant = f"{how}; host waits {waits:.2g} per step"
+        rows.append(row(group, variant, batch_size / step, 1000 * step, f"batch of {batch_size}"))
+    return rows
+
+
 def bench_full_frame(device: torch.device, seconds: float, max_runs: int) -> list[dict]:
     """Latency of the demo UNet on one full-resolution frame, per variant."""
     name, num_blocks, base_chan, _ = DEMO_UNET
@@ -732,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         handout_batch = 16 if on_gpu else 1 if args.quick else 2
         handout_runs = 50 if on_gpu else 1 if args.quick else 2
         rows += bench_model(HANDOUT_UNET, handout_batch, device, model_seconds, handout_runs)
+        rows += bench_training_loop(device, 10 if args.quick else 30, compile_too=True)
         rows += bench_full_frame(device, model_seconds, 1 if args.quick else 5)
         rows += bench_onnx_frame(device, model_seconds, 1 if args.quick else 5)
 
