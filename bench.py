@@ -516,7 +516,7 @@ def training_loop_step(
     stop = preemption.StopRequests()
 
     def epoch(batches: int) -> float:
-        run.batches_done = 0
+        run.step, run.batches_done = 0, 0  # checks at steps 10, 20, ... and at the end
         start = time.perf_counter()
         main.train_one_epoch(
             run, train_model, [(images, targets.to(torch.uint8))] * batches, device, options,

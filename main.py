@@ -9,8 +9,9 @@
 One plain loop: the same code runs on a CUDA GPU (mixed precision, channels_last, pinned
 memory) and on a CPU. `python main.py COMMAND --help` explains every flag. The machinery
 lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving,
-loading, downloading), cache.py (pre-decoded data sets), export.py (ONNX and torch.export),
-cli.py (errors as one line).
+loading, downloading, the run folder), runstate.py (exact resume, the device-side health of
+the step), preemption.py (stopping on a cluster's signal), cache.py (pre-decoded data
+sets), export.py (ONNX and torch.export), cli.py (errors as one line).
 """
 
 from __future__ import annotations
