@@ -34,6 +34,8 @@ CHECKPOINT_FORMAT = "segmentation-lab/1"
 REQUIRED_KEYS = ("model_config", "model_state", "classes", "img_size", "epoch", "args")
 # What a checkpoint must also hold to continue its run.
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "step", "best_miou")
+# What a checkpoint written in the middle of an epoch holds of where it was.
+POSITION_KEYS = ("batches_done", "world_size", "loss_sum", "good_steps", "random_states")
 
 
 class CheckpointError(Exception):
@@ -125,6 +127,19 @@ def check_resumable(checkpoint: dict, path: str | Path) -> None:
             "position": dict,
         },
     )
+    position = checkpoint.get("position")
+    if position is not None:
+        check_types(
+            position,
+            f"{path} (its position in the epoch)",
+            {"batches_done": int, "world_size": int, "loss_sum": (int, float),
+             "good_steps": int, "random_states": dict},
+        )  # fmt: skip
+        missing = [key for key in POSITION_KEYS if key not in position]
+        if missing:
+            raise CheckpointError(
+                f"{path} cannot be resumed: its position in the epoch lacks {', '.join(missing)}"
+            )
 
 
 def check_types(checkpoint: dict, path: str | Path, types: dict) -> None:

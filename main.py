@@ -460,6 +460,7 @@ def save_mid_epoch(run: Run, run_dir: Path, model_config: dict, args) -> None:
     if devices.is_main_process():
         position = {
             "batches_done": run.batches_done,
+            "world_size": devices.world_size(),  # each process's share of the order
             "loss_sum": run.loss_sum,
             "good_steps": run.good_steps,
             "random_states": runstate.random_states(),
@@ -580,6 +581,11 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
     run.best_miou, run.metrics = checkpoint["best_miou"], checkpoint["metrics"]
     position = checkpoint.get("position")
     if position is not None:
+        if position["world_size"] != devices.world_size():
+            raise devices.UsageError(
+                f"{path} stopped in the middle of an epoch with {position['world_size']} "
+                f"process(es): resume it with as many (here: {devices.world_size()})"
+            )
         run.batches_done, run.random_states = position["batches_done"], position["random_states"]
         run.loss_sum, run.good_steps = position["loss_sum"], position["good_steps"]
 

@@ -75,6 +75,8 @@ def test_resume_takes_only_a_last_pt(finished_run, capsys, name):
         (("epoch", 1.5), "its epoch is a float, not a int"),
         (("step", True), "its step is a bool, not a int"),
         (("position", [1]), "its position is a list, not a dict"),
+        (("position", {"batches_done": 1}), "its position in the epoch lacks world_size"),
+        (("position", {"batches_done": "1"}), "its batches_done is a str, not a int"),
     ],
     ids=lambda value: value[0] if isinstance(value, tuple) else None,
 )
@@ -149,3 +151,21 @@ def test_one_run_folder_one_process_and_a_kill_frees_it(finished_run, tmp_path, 
         pass
     lines = [json.loads(x)["epoch"] for x in (finished_run / "metrics.jsonl").open()]
     assert lines == [1]
+
+
+def test_a_run_stopped_mid_epoch_continues_only_with_as_many_processes(
+    finished_run, tmp_path, capsys
+):
+    checkpoint = torch.load(finished_run / "last.pt", weights_only=True)
+    checkpoint["position"] = {
+        "batches_done": 1, "world_size": 2, "loss_sum": 2.5, "good_steps": 1,
+        "random_states": {"torch": torch.get_rng_state()},
+    }  # fmt: skip
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run/last.pt")
+    assert main.main(["train", "--resume", str(tmp_path / "run/last.pt"), "--epochs", "1"]) == 0
+    capsys.readouterr()  # finished: nothing to continue
+    checkpoint["epoch"] = 0
+    torch.save(checkpoint, tmp_path / "run/last.pt")
+    assert main.main(["train", "--resume", str(tmp_path / "run/last.pt")]) == 2
+    assert "with 2 process(es): resume it with as many (here: 1)" in one_error_line(capsys)
