@@ -178,7 +178,7 @@ def check_progress(run: Run, bar, writer, max_bad_steps: int) -> None:
         ) from None
     run.loss_sum += loss_sum
     run.good_steps += good
-    if bad:
+    if bad and devices.is_main_process():
         tqdm.write(f"warning: {bad} step(s) skipped for non-finite gradients by step {run.step}")
     if most_in_a_row >= max_bad_steps:
         raise TrainingStopped(
@@ -245,7 +245,12 @@ def train(args: argparse.Namespace) -> int:
         return train_in(run_dir, resume_path, args, stop)
 
 
-def train_in(run_dir: Path, resume_path: Path | None, args: argparse.Namespace, stop) -> int:
+def train_in(
+    run_dir: Path,
+    resume_path: Path | None,
+    args: argparse.Namespace,
+    stop: preemption.StopRequests,
+) -> int:
     """Build the run (data, model, loss, optimizer), then train and validate epoch by
     epoch, saving last.pt and best.pt. Returns the exit status."""
     resume = checkpoints.load_checkpoint(resume_path) if resume_path else None
