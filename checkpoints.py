@@ -259,6 +259,8 @@ def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path
         raise CheckpointError(
             f"--resume {path}: resume a run's last.pt (its folder is the run's), or use auto"
         )
+    if not path.is_file():  # before anything is written to its folder (the lock)
+        load_checkpoint(path)  # raises with its message
     return path.parent, path
 
 

@@ -117,6 +117,12 @@ def test_resume_auto_needs_a_name(capsys):
     assert "--resume auto needs --name" in one_error_line(capsys)
 
 
+def test_resuming_a_missing_checkpoint_writes_nothing(tmp_path, capsys):
+    assert main.main(["train", "--resume", str(tmp_path / "gone/last.pt")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    assert not (tmp_path / "gone").exists()
+
+
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
