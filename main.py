@@ -235,6 +235,7 @@ def train(args: argparse.Namespace) -> int:
         open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
     )  # fmt: skip
     train_set, val_set = train_loader.dataset, val_loader.dataset
+    data.require_labelled_pixels(train_set.dataset, train_set.indices, "training")
     if len(train_loader) == 0:
         raise data.DataError(
             f"{len(train_set)} training frames make no full batch of {args.batch_size}: "
@@ -334,7 +335,7 @@ def training_loss(name: str, train_set, shares_file: str | None, weight_method: 
     class_weights = None
     if name == "wce":
         if shares_file:
-            shares = json.loads(Path(shares_file).read_text())["pixel_share"]
+            shares = cli.read_pixel_shares(shares_file, data.NUM_CLASSES)
         else:
             counts = data.class_histogram(train_set.dataset, train_set.indices)
             shares = (counts / counts.sum().clamp(min=1)).tolist()
@@ -731,12 +732,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="validation areas; without them whole rooms of the training areas are held out",
     )
-    add("--val-fraction", type=float, default=0.2, help="share of rooms held out (no --val-areas)")
+    add(
+        "--val-fraction",
+        type=cli.float_range(0.0, 1.0, include_minimum=False),
+        default=0.2,
+        help="share of rooms held out (no --val-areas)",
+    )
     add("--model", default="unet", choices=models.available_models(), help="architecture")
-    add("--num-blocks", type=int, help=f"UNet: encoder blocks (default {unet['num_blocks']})")
+    add(
+        "--num-blocks",
+        type=cli.int_range(1, cli.MAX_UNET_BLOCKS),
+        help=f"UNet: encoder blocks (default {unet['num_blocks']})",
+    )
     add(
         "--base-chan",
-        type=int,
+        type=cli.int_range(1, cli.MAX_BASE_CHANNELS),
         help=f"UNet: channels of the first block (default {unet['base_chan']})",
     )
     add(
@@ -753,33 +763,58 @@ def build_parser() -> argparse.ArgumentParser:
         choices=losses.available_weight_methods,
         help="wce: how class weights follow from the pixel shares",
     )
-    add("--class-weights", default=None, help="wce: pixel shares from `data.py histogram --out`")
-    add("--epochs", type=int, default=30, help="passes over the training set")
-    add("--batch-size", type=int, default=8, help="frames per step (per process)")
-    add("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    add(
+        "--class-weights",
+        type=cli.pixel_shares_file(data.NUM_CLASSES),
+        default=None,
+        help="wce: pixel shares from `data.py histogram --out`",
+    )
+    add("--epochs", type=cli.int_range(1), default=30, help="passes over the training set")
+    add("--batch-size", type=cli.int_range(1), default=8, help="frames per step (per process)")
+    add(
+        "--lr",
+        type=cli.float_range(0.0, include_minimum=False),
+        default=1e-3,
+        help="AdamW learning rate",
+    )
+    add("--weight-decay", type=cli.float_range(0.0), default=1e-4, help="AdamW weight decay")
     add("--schedule", default="poly", choices=("poly", "cosine"), help="learning rate decay")
-    add("--warmup-steps", type=int, default=100, help="linear warmup steps")
-    add("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    add("--img-size", type=int, default=256, help="training crops are IMG_SIZE x IMG_SIZE")
+    add("--warmup-steps", type=cli.int_range(0), default=100, help="linear warmup steps")
+    add(
+        "--clip-grad",
+        type=cli.float_range(0.0),
+        default=1.0,
+        help="max gradient norm (0: no clipping)",
+    )
+    add(
+        "--img-size",
+        type=cli.int_range(cli.MIN_IMG_SIZE, cli.MAX_IMG_SIZE),
+        default=256,
+        help="training crops are IMG_SIZE x IMG_SIZE",
+    )
     add(
         "--jitter",
         type=cli.jitter_strength,
         default=0.2,
         help="color jitter: brightness, contrast and saturation vary by up to this (0: off)",
     )
-    add("--subset", type=int, default=None, help="use only N frames (spread over the data)")
+    add(
+        "--subset",
+        type=cli.int_range(1),
+        default=None,
+        help="use only N frames (spread over the data)",
+    )
     add(
         "--workers",
-        type=int,
+        type=cli.int_range(0, cli.MAX_WORKERS),
         default=None,
         help="data loading processes (default: 2, or the resumed run's: augmentations "
         "depend on the worker count)",
     )
     add("--logdir", default="runs", help="where runs are written")
-    add("--name", default=None, help="run name (default: model and time)")
+    add("--name", type=cli.folder_name, default=None, help="run name (default: model and time)")
     add("--resume", default=None, help="continue the run of this last.pt")
-    add("--seed", type=int, default=0, help="random seed")
+    add("--seed", type=cli.int_range(0, cli.MAX_SEED), default=0, help="random seed")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     add(
         "--amp",
@@ -795,14 +830,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--stop-after",
-        type=int,
+        type=cli.int_range(1),
         default=None,
         metavar="EPOCHS",
         help="end this invocation after EPOCHS epochs (e.g. a cluster time limit); "
         "continue later with --resume",
     )
     add("--skip-bad", action="store_true", help="skip unreadable frames instead of stopping")
-    add("--max-bad-steps", type=int, default=20, help="stop after this many NaN losses in a row")
+    add(
+        "--max-bad-steps",
+        type=cli.int_range(1),
+        default=20,
+        help="stop after this many NaN losses in a row",
+    )
 
     test_parser = commands.add_parser(
         "test", help="evaluate a checkpoint", formatter_class=defaults
@@ -832,9 +872,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score at the training size instead of the labels' full resolution",
     )
-    add("--batch-size", type=int, default=4, help="frames per batch")
-    add("--subset", type=int, default=None, help="use only N frames")
-    add("--workers", type=int, default=2, help="data loading processes")
+    add("--batch-size", type=cli.int_range(1), default=4, help="frames per batch")
+    add("--subset", type=cli.int_range(1), default=None, help="use only N frames")
+    add(
+        "--workers",
+        type=cli.int_range(0, cli.MAX_WORKERS),
+        default=2,
+        help="data loading processes",
+    )
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
 
     predict_parser = commands.add_parser("predict", help="segment images", formatter_class=defaults)
@@ -863,11 +908,20 @@ USER_ERRORS = (
     devices.UsageError,
     export.ExportError,
     models.WeightsError,
+    cli.FlagError,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.resume is None:  # a resumed run has its own flags
+        try:
+            cli.check_train_flags(
+                args.model, args.num_blocks, args.base_chan, args.loss, args.class_weights
+            )
+        except cli.FlagError as error:
+            parser.error(str(error))  # exit status 2, like any flag argparse refuses
     if getattr(args, "name", "") is None:
         args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
