@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -508,6 +510,7 @@ def test(args: argparse.Namespace) -> int:
     indices = data.subset_indices(len(dataset), args.subset)
     frames = torch.utils.data.Subset(FramesWithIndex(dataset), indices)
     loader = data.make_loader(frames, args.batch_size, False, args.workers, device.type == "cuda")
+    loader.collate_fn = collate_same_size
     out = Path(args.out or Path(args.model).parent / f"test-{'-'.join(dataset.areas)}")
     if devices.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -561,8 +564,27 @@ class FramesWithIndex(torch.utils.data.Dataset):
         return (*self.dataset[index], index)
 
 
+def collate_same_size(samples: list[tuple]) -> tuple:
+    """Batch `(image, mask, index)` samples whose masks share one size, else a DataError
+    naming two sizes: full-resolution scores compare the logits at each mask's own size,
+    and a batch holds one size."""
+    sizes = {tuple(sample[1].shape) for sample in samples}
+    if len(sizes) > 1:
+        first, second = sorted(sizes)[:2]
+        raise data.DataError(
+            f"the test frames have different sizes ({first[1]}x{first[0]} and "
+            f"{second[1]}x{second[0]}): score them with --batch-size 1, or at the training "
+            "size with --at-train-size"
+        )
+    return torch.utils.data.default_collate(samples)
+
+
 def default_test_areas(root: str, checkpoint: dict) -> list[str]:
     """The areas under `root` that the model was not trained on."""
+    if not Path(root).is_dir():
+        raise data.DataError(data.missing_datadir_message(root))
+    if not data.areas_on_disk(root):
+        raise data.DataError(f"no area_* folder under {root}: is this a 2D-3D-S root or cache?")
     trained = {
         a for area in checkpoint["args"].get("areas") or [] for a in data.normalize_area(area)
     }
@@ -573,30 +595,65 @@ def default_test_areas(root: str, checkpoint: dict) -> list[str]:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders become the image files they hold (sorted)."""
+    """Files as given; folders become the files they hold (sorted). Their subfolders are
+    named on stderr and not read: give them as inputs of their own."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.iterdir() if p.is_file()))
+            children = sorted(path.iterdir())
+            paths.extend(child for child in children if child.is_file())
+            for child in children:
+                if child.is_dir():
+                    print(
+                        f"warning: skipping the folder {child}: only the files of {path} are "
+                        "read; give it as an input of its own to segment its images",
+                        file=sys.stderr,
+                    )
         else:
             paths.append(path)
     return paths
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Any image PIL reads (RGB, RGBA, grayscale, palette, JPEG...) as `(3, H, W)` uint8."""
-    import numpy as np
+    """Any image PIL reads (RGB, RGBA, grayscale, palette, JPEG, 16-bit, float TIFF...) as
+    `(3, H, W)` uint8. Larger than Pillow's decompression-bomb limit (89 megapixels) is
+    refused: a picture that size would not fit in memory as logits."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = image_to_rgb8(image)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"{path}: too large to segment, scale it down first ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
+def image_to_rgb8(image: PIL.Image.Image) -> np.ndarray:
+    """The pixels of a PIL image as `(H, W, 3)` uint8 RGB. Pillow's convert("RGB") clips
+    16-bit and 32-bit values to 255 (all white) and float values in [0, 1] to 0 (all black),
+    so those single-channel modes are scaled here: 16-bit by 255 / 65535, floats in [0, 1]
+    by 255, anything else by its own minimum and maximum."""
+    if image.mode not in ("F", "I") and not image.mode.startswith("I;16"):
+        return np.asarray(image.convert("RGB"))
+    values = np.nan_to_num(np.asarray(image).astype(np.float64))
+    low, high = float(values.min()), float(values.max())
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values * (255 / 65535) if high > 255 or image.mode != "I" else values
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else values * 0
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 @torch.no_grad()
@@ -659,22 +716,53 @@ def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor],
     return functools.partial(predict_image, segmenter, device=device)
 
 
+PREDICTION_SUFFIXES = ("_mask.png", "_overlay.png", "_legend.png")
+
+
+def output_stems(paths: list[Path], out: Path) -> list[str]:
+    """The output name of each input (`out / (stem + suffix)` for PREDICTION_SUFFIXES): its
+    file stem, with "_" added until it is unique. UsageError when an output would replace
+    one of the inputs (`--out` is an input folder holding a file named like an output)."""
+    inputs = {path.resolve() for path in paths}
+    stems: list[str] = []
+    for path in paths:
+        stem = path.stem
+        while stem in stems:  # two inputs with one name must not overwrite each other
+            stem += "_"
+        stems.append(stem)
+        for suffix in PREDICTION_SUFFIXES:
+            if (out / f"{stem}{suffix}").resolve() in inputs:
+                raise devices.UsageError(
+                    f"--out {out}: writing {out / (stem + suffix)} would replace that input; "
+                    "choose another output folder"
+                )
+    return stems
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create `out` (and its parents) for predictions; UsageError when it cannot be."""
+    if out.exists() and not out.is_dir():
+        raise devices.UsageError(f"--out {out} is a file, not a folder: name a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise devices.UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
+
+
 def predict(args: argparse.Namespace) -> int:
-    segment = load_segmenter(args.model, devices.pick_device(args.device))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures, stems = 0, set()
-    for path in expand_inputs(args.images):
+    paths = expand_inputs(args.images)
+    stems = output_stems(paths, out)  # before anything is written
+    segment = load_segmenter(args.model, devices.pick_device(args.device))
+    prepare_output_folder(out)
+    failures = 0
+    for path, stem in zip(paths, stems, strict=True):
         try:
             image = read_image(path)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
-        stem = path.stem
-        while stem in stems:  # two inputs with one name must not overwrite each other
-            stem += "_"
-        stems.add(stem)
         save_prediction(image, segment(image), out, stem)
         print(f"{path} -> {out / stem}_mask.png, _overlay.png, _legend.png")
     if failures:
