@@ -55,7 +55,7 @@ def check_frame(frame: Frame, label_table: torch.Tensor) -> tuple[str | None, bo
         return str(error), False
     if image.shape[:2] != semantic.shape[:2]:
         return data.size_mismatch(frame, image.shape[:2], semantic.shape[:2]), False
-    colors = torch.from_numpy(np.ascontiguousarray(semantic[..., :3])).permute(2, 0, 1)
+    colors = torch.from_numpy(np.array(semantic[..., :3])).permute(2, 0, 1)  # a writable copy
     return None, bool(data.decode_semantic(colors, label_table).any())
 
 

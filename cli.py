@@ -151,7 +151,7 @@ def check_unet_size(num_blocks: int | None, base_chan: int | None) -> None:
     options = models.default_options("unet")
     options.update({k: v for k, v in (("num_blocks", num_blocks), ("base_chan", base_chan)) if v})
     with torch.device("meta"):  # shapes only, no memory
-        model = models.build_model("unet", 1, **options)
+        model = models.build_unet(1, **options)
     count = sum(parameter.numel() for parameter in model.parameters())
     if count > MAX_UNET_PARAMETERS:
         raise FlagError(

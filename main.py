@@ -634,7 +634,7 @@ def read_image(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: too large to segment, scale it down first ({error})") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
 
 
 def image_to_rgb8(image: PIL.Image.Image) -> np.ndarray:
