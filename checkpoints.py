@@ -99,14 +99,17 @@ def load_failure(path: Path, error: Exception) -> str:
         return f"cannot read checkpoint {path}: {read_error.strerror}"
     if not head:
         return f"checkpoint {path} is empty (0 bytes): it was cut short or never written"
-    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in str(error):
-        return (
-            f"refused to load {path}: it holds Python objects that could run code, and only "
-            f"plain data is accepted ({torch_detail(error)})"
-        )
     if head != ZIP_SIGNATURE and head[0] != PICKLE_PROTOCOL_OPCODE:
         return (
             f"{path} is not a PyTorch checkpoint: its bytes are neither a zip archive nor a pickle"
+        )
+    refused = isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error)
+    if refused and ("GLOBAL" in str(error) or head == ZIP_SIGNATURE):
+        # A file of torch.save whose pickle holds an object, or an instruction (a newer
+        # pickle protocol), that the plain-data unpickler does not accept.
+        return (
+            f"refused to load {path}: it holds Python objects that could run code, and only "
+            f"plain data is accepted ({torch_detail(error)})"
         )
     if head != ZIP_SIGNATURE:
         return (
