@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,6 +258,8 @@ def run(
     """`command(args)`, with the exceptions of `user_errors` (and CUDA's out of memory, a
     file the system cannot read or write, and the stubs of the students' version of the
     lab) printed as one line, exit status 2; Ctrl-C prints one line, exit status 130."""
+    default_thread_hook = threading.excepthook
+    threading.excepthook = functools.partial(report_thread_error, default_thread_hook)
     try:
         return command(args)
     except user_errors as error:
@@ -281,3 +285,15 @@ def run(
             raise
         print(f"error: {message} (the program needs it)", file=sys.stderr)
         return 2
+    finally:
+        threading.excepthook = default_thread_hook
+
+
+def report_thread_error(default_hook, hook_args) -> None:
+    """threading.excepthook while a command runs. TensorBoard writes its events from a
+    thread of its own; on a full disk or a read-only folder that thread ends with the
+    OSError, which the main thread meets again at its next write and reports in one line.
+    The thread's traceback would only repeat it."""
+    if issubclass(hook_args.exc_type, OSError):
+        return
+    default_hook(hook_args)

@@ -841,12 +841,15 @@ def require_labelled_pixels(dataset: Dataset, indices: list[int], what: str) -> 
     Stops at the first such frame, so a usable data set costs one frame; a set without any
     label would train to a loss of 0 and score nothing.
     """
+    unreadable = []
     for index in indices:
         try:
             if dataset.label_mask(index).any():
                 return
-        except DataError:
-            continue  # a broken file: the loader names it, or skips it with --skip-bad
+        except DataError as error:
+            unreadable.append(error)  # the loader names it, or skips it with --skip-bad
+    if unreadable:
+        raise unreadable[0]
     raise DataError(
         f"the {len(indices)} {what} frames have no labelled pixel: every pixel decodes to "
         f"<UNK>; check the label list {LABELS_FILE} and the semantic PNGs with "

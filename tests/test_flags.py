@@ -207,19 +207,6 @@ def test_representative_bad_flags_in_real_processes(tmp_path):
 # Free text, checked when the command runs
 
 
-@pytest.fixture(scope="module")
-def tiny_model(synthetic_root, tmp_path_factory) -> Path:
-    logdir = tmp_path_factory.mktemp("flag-runs")
-    argv = [
-        "train", "--datadir", str(synthetic_root), "--areas", "1", "--val-areas", "5a",
-        "--epochs", "1", "--batch-size", "2", "--subset", "4", "--workers", "0",
-        "--device", "cpu", "--logdir", str(logdir), "--name", "tiny", "--num-blocks", "2",
-        "--base-chan", "4", "--img-size", "32",
-    ]  # fmt: skip
-    assert main.main(argv) == 0
-    return logdir / "tiny" / "best.pt"
-
-
 def valid_arguments(words: tuple[str, ...], root: Path, model: Path, work: Path) -> list[str]:
     """Arguments with which main.py's command `words` runs fast and well."""
     return {
