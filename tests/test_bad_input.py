@@ -347,6 +347,34 @@ def test_ctrl_c_ends_training_with_one_line_and_status_130(synthetic_root, tmp_p
     assert checkpoints.load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] >= 1
 
 
+def test_a_poisoned_pretrained_file_stops_training_in_one_line(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    from torchvision.models import segmentation
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cached.parent.mkdir(parents=True)
+    ran = tmp_path / "code-ran"
+    torch.save({"payload": TouchesAFile(ran)}, cached)
+    argv = train_argv(synthetic_root, tmp_path / "runs", "--model", "lraspp_mobilenet_v3_large")
+    assert main.main([*argv, "--pretrained", "coco"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refused to load {cached}" in line and "delete it to download it again" in line
+    assert not ran.exists()
+
+
+class TouchesAFile:
+    """Unpickling this would create `path`: proof that code from the file ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 # ----------------------------------------------------------------------------------------
 # Files named by flags
 

@@ -163,6 +163,23 @@ def test_the_fillers_alone_parse():
             parser.parse_args([*words, *required_arguments(command)])
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--batch-size", "0"], ["--batch-size", "-2"], ["--lr", "-0.01"], ["--lr", "nan"],
+        ["--img-size", "0"], ["--img-size", "-5"], ["--img-size", "100000"],
+        ["--workers", "-1"], ["--subset", "0"], ["--subset", "-4"], ["--num-blocks", "0"],
+        ["--num-blocks", "12"], ["--epochs", "0"], ["--epochs", "-3"],
+    ],
+    ids=" ".join,
+)  # fmt: skip
+def test_the_values_once_met_with_a_traceback_are_refused_as_parsed(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.build_parser().parse_args(["train", *bad])
+    assert exit_info.value.code == 2
+    assert f"argument {bad[0]}:" in assert_one_error_line(capsys.readouterr().err)
+
+
 # ----------------------------------------------------------------------------------------
 # Real processes, for exit status and stderr as a user sees them
 
