@@ -863,6 +863,8 @@ def check_output_file(out: str | Path) -> None:
     out = Path(out)
     if out.is_dir():
         raise DataError(f"--out {out} is a folder: name a file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(f"--out {out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():
         raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first")
 

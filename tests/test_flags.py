@@ -224,58 +224,88 @@ def test_representative_bad_flags_in_real_processes(tmp_path):
 # Free text, checked when the command runs
 
 
-def valid_arguments(words: tuple[str, ...], root: Path, model: Path, work: Path) -> list[str]:
-    """Arguments with which main.py's command `words` runs fast and well."""
+# How each program runs in this process, and arguments with which each of its commands
+# runs fast and well on the tiny data set (the walk then spoils one of them).
+RUNNERS: dict[str, Callable[[list[str]], int]] = {
+    "main.py": main.main,
+    "data.py": data.main,
+    "cache.py": cache.main,
+    "check.py": check.main,
+    "synthetic.py": synthetic.main,
+}
+
+
+def valid_arguments(
+    program: str, words: tuple[str, ...], root: Path, model: Path, work: Path
+) -> list[str]:
+    first_rgb = next((root / "area_5a" / "data" / "rgb").iterdir())
     return {
-        "train": [
+        ("main.py", "train"): [
             "--datadir", str(root), "--areas", "1", "--val-areas", "5a", "--epochs", "1",
             "--batch-size", "2", "--subset", "2", "--workers", "0", "--device", "cpu",
             "--logdir", str(work / "runs"), "--num-blocks", "2", "--base-chan", "4",
             "--img-size", "32", "--name", "run",
         ],
-        "test": [
+        ("main.py", "test"): [
             "--model", str(model), "--datadir", str(root), "--areas", "5a", "--subset", "2",
             "--workers", "0", "--device", "cpu", "--out", str(work / "test"),
         ],
-        "predict": [
-            str(next((root / "area_5a" / "data" / "rgb").iterdir())), "--model", str(model),
-            "--out", str(work / "predictions"), "--device", "cpu",
+        ("main.py", "predict"): [
+            str(first_rgb), "--model", str(model), "--out", str(work / "predictions"),
+            "--device", "cpu",
         ],
-        "export": ["--model", str(model), "--out", str(work / "model.pt2")],
-    }[words[0]]  # fmt: skip
+        ("main.py", "export"): ["--model", str(model), "--out", str(work / "model.pt2")],
+        ("data.py", "show"): [
+            "--datadir", str(root), "--areas", "5a", "--out", str(work / "show.png"),
+        ],
+        ("data.py", "histogram"): [
+            "--datadir", str(root), "--areas", "5a", "--out", str(work / "hist.json"),
+        ],
+        ("cache.py", "write"): [
+            "--datadir", str(root), "--areas", "5a", "--out", str(work / "cache"), "--size", "16",
+        ],
+        ("check.py",): ["--datadir", str(root), "--areas", "5a"],
+        ("synthetic.py",): [
+            "--out", str(work / "synthetic"), "--areas", "1", "--images-per-area", "1",
+            "--size", "16",
+        ],
+    }[(program, *words)]  # fmt: skip
 
 
 def free_text_cases() -> list:
-    return [
-        pytest.param(words, action.option_strings[0] if action.option_strings else None, id=id_)
-        for words, command in commands(main.build_parser())
-        for action in flags(command)
-        if bad_values(action)[0] == FREE_TEXT
-        for id_ in [f"{' '.join(words)} {(action.option_strings or [action.dest])[0]}"]
-    ]
+    cases = []
+    for program, parser in programs().items():
+        for words, command in commands(parser):
+            for action in flags(command):
+                if bad_values(action)[0] != FREE_TEXT:
+                    continue
+                flag = action.option_strings[0] if action.option_strings else None
+                label = f"{program} {' '.join(words)} {flag or action.dest}".replace("  ", " ")
+                cases.append(pytest.param(program, words, flag, id=label))
+    return cases
 
 
 def files_under(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize(("words", "flag"), free_text_cases())
+@pytest.mark.parametrize(("program", "words", "flag"), free_text_cases())
 def test_a_bad_path_or_name_is_refused_in_one_line_when_the_command_runs(
-    words, flag, synthetic_root, tiny_model, tmp_path, capsys
+    program, words, flag, synthetic_root, tiny_model, tmp_path, capsys
 ):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
     bad = str(blocker / "x")  # below a regular file: no folder, file or area is there
     work = tmp_path / "work"
     work.mkdir()
-    argv = [*words, *valid_arguments(words, synthetic_root, tiny_model, work)]
+    arguments = valid_arguments(program, words, synthetic_root, tiny_model, work)
     if flag is None:  # predict's images: this one input cannot be read
-        argv[len(words)] = bad
+        arguments = [bad, *arguments[1:]]
     else:
-        argv += [flag, bad]
+        arguments += [flag, bad]
     data_before = files_under(synthetic_root)
-    status = main.main(argv)
+    status = RUNNERS[program]([*words, *arguments])
     err = capsys.readouterr().err
     assert status == (1 if flag is None else 2), err
-    assert_one_error_line(err)
+    assert "a-file" in assert_one_error_line(err)
     assert files_under(work) == set() and files_under(synthetic_root) == data_before
