@@ -216,6 +216,36 @@ def pixel_shares_file(num_classes: int) -> Callable[[str], str]:
     return parse
 
 
+def output_stems(paths: list[Path], out: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """The output name of each input, whose outputs are `out / (stem + suffix)`: its file
+    stem, with "_" added until it is unique. FlagError when an output would replace one of
+    the inputs (`--out` is an input folder holding a file named like an output)."""
+    inputs = {path.resolve() for path in paths}
+    stems: list[str] = []
+    for path in paths:
+        stem = path.stem
+        while stem in stems:  # two inputs with one name must not overwrite each other
+            stem += "_"
+        stems.append(stem)
+        for suffix in suffixes:
+            if (out / f"{stem}{suffix}").resolve() in inputs:
+                raise FlagError(
+                    f"--out {out}: writing {out / (stem + suffix)} would replace that input; "
+                    "choose another output folder"
+                )
+    return stems
+
+
+def make_output_folder(out: Path) -> None:
+    """Create the folder `out` (and its parents); FlagError when it cannot be."""
+    if out.exists() and not out.is_dir():
+        raise FlagError(f"--out {out} is a file, not a folder: name a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlagError(f"--out {out}: cannot create it ({error.strerror})") from None
+
+
 # ----------------------------------------------------------------------------------------
 # Errors as one line
 

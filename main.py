@@ -641,17 +641,17 @@ def image_to_rgb8(image: PIL.Image.Image) -> np.ndarray:
     """The pixels of a PIL image as `(H, W, 3)` uint8 RGB. Pillow's convert("RGB") clips
     16-bit and 32-bit values to 255 (all white) and float values in [0, 1] to 0 (all black),
     so those single-channel modes are scaled here: 16-bit by 255 / 65535, floats in [0, 1]
-    by 255, anything else by its own minimum and maximum."""
+    by 255, 32-bit integers and other floats from their own minimum and maximum."""
     if image.mode not in ("F", "I") and not image.mode.startswith("I;16"):
         return np.asarray(image.convert("RGB"))
     values = np.nan_to_num(np.asarray(image).astype(np.float64))
     low, high = float(values.min()), float(values.max())
-    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
-        scaled = values * (255 / 65535) if high > 255 or image.mode != "I" else values
+    if image.mode.startswith("I;16"):  # 16-bit: 0 to 65535
+        scaled = values * (255 / 65535)
     elif image.mode == "F" and low >= 0 and high <= 1:
         scaled = values * 255
-    else:
-        scaled = (values - low) * (255 / (high - low)) if high > low else values * 0
+    else:  # 32-bit integers, or floats of another range
+        scaled = (values - low) * (255 / max(high - low, 1e-12))
     gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -680,6 +680,10 @@ def segment_with_onnxruntime(session, image: torch.Tensor) -> torch.Tensor:
     # <<< Q14
 
 
+# The files predict writes for an input named STEM: STEM_mask.png, ... (save_prediction).
+PREDICTION_SUFFIXES = ("_mask.png", "_overlay.png", "_legend.png")
+
+
 def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, stem: str) -> None:
     """Write STEM_mask.png (the class ids, shown in their colors), STEM_overlay.png and
     STEM_legend.png (the classes found and their share)."""
@@ -689,9 +693,10 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
     from matplotlib.figure import Figure
     from PIL import Image
 
-    utils.save_class_ids(prediction, out / f"{stem}_mask.png")
+    mask_suffix, overlay_suffix, legend_suffix = PREDICTION_SUFFIXES
+    utils.save_class_ids(prediction, out / f"{stem}{mask_suffix}")
     blended = utils.overlay(image, prediction).permute(1, 2, 0).numpy()
-    Image.fromarray(blended).save(out / f"{stem}_overlay.png")
+    Image.fromarray(blended).save(out / f"{stem}{overlay_suffix}")
     counts = torch.bincount(prediction.flatten(), minlength=data.NUM_CLASSES)
     present = [i for i in range(data.NUM_CLASSES) if counts[i] > 0]
     handles = [utils.legend_handles()[i] for i in present]
@@ -699,7 +704,7 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
         handle.set_label(f"{data.CLASSES[index]} {counts[index] / counts.sum():.1%}")
     figure = Figure(figsize=(3, 0.3 * len(handles) + 0.5))
     figure.legend(handles=handles, loc="center", frameon=False)
-    figure.savefig(out / f"{stem}_legend.png", dpi=100)
+    figure.savefig(out / f"{stem}{legend_suffix}", dpi=100)
 
 
 def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -716,45 +721,12 @@ def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor],
     return functools.partial(predict_image, segmenter, device=device)
 
 
-PREDICTION_SUFFIXES = ("_mask.png", "_overlay.png", "_legend.png")
-
-
-def output_stems(paths: list[Path], out: Path) -> list[str]:
-    """The output name of each input (`out / (stem + suffix)` for PREDICTION_SUFFIXES): its
-    file stem, with "_" added until it is unique. UsageError when an output would replace
-    one of the inputs (`--out` is an input folder holding a file named like an output)."""
-    inputs = {path.resolve() for path in paths}
-    stems: list[str] = []
-    for path in paths:
-        stem = path.stem
-        while stem in stems:  # two inputs with one name must not overwrite each other
-            stem += "_"
-        stems.append(stem)
-        for suffix in PREDICTION_SUFFIXES:
-            if (out / f"{stem}{suffix}").resolve() in inputs:
-                raise devices.UsageError(
-                    f"--out {out}: writing {out / (stem + suffix)} would replace that input; "
-                    "choose another output folder"
-                )
-    return stems
-
-
-def prepare_output_folder(out: Path) -> None:
-    """Create `out` (and its parents) for predictions; UsageError when it cannot be."""
-    if out.exists() and not out.is_dir():
-        raise devices.UsageError(f"--out {out} is a file, not a folder: name a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise devices.UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
-
-
 def predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     paths = expand_inputs(args.images)
-    stems = output_stems(paths, out)  # before anything is written
+    stems = cli.output_stems(paths, out, PREDICTION_SUFFIXES)  # before anything is written
     segment = load_segmenter(args.model, devices.pick_device(args.device))
-    prepare_output_folder(out)
+    cli.make_output_folder(out)
     failures = 0
     for path, stem in zip(paths, stems, strict=True):
         try:
