@@ -239,7 +239,7 @@ def valid_arguments(
     program: str, words: tuple[str, ...], root: Path, model: Path, work: Path
 ) -> list[str]:
     first_rgb = next((root / "area_5a" / "data" / "rgb").iterdir())
-    return {
+    known = {
         ("main.py", "train"): [
             "--datadir", str(root), "--areas", "1", "--val-areas", "5a", "--epochs", "1",
             "--batch-size", "2", "--subset", "2", "--workers", "0", "--device", "cpu",
@@ -269,7 +269,10 @@ def valid_arguments(
             "--out", str(work / "synthetic"), "--areas", "1", "--images-per-area", "1",
             "--size", "16",
         ],
-    }[(program, *words)]  # fmt: skip
+    }  # fmt: skip
+    if (program, *words) not in known:
+        pytest.fail(f"{program} {' '.join(words)} is new: give it arguments in valid_arguments")
+    return known[(program, *words)]
 
 
 def free_text_cases() -> list:
