@@ -197,7 +197,6 @@ def run_program(program: str, argv: list[str], cwd: Path) -> subprocess.Popen:
 REPRESENTATIVE = [
     ("main.py", ["train", "--batch-size", "0"], "--batch-size"),
     ("main.py", ["train", "--num-blocks", "6", "--base-chan", "256"], "M parameters"),
-    ("main.py", ["test", "--model", "m.pt", "--workers", "-1"], "--workers"),
     ("data.py", ["show", "--index", "abc"], "--index"),
     ("cache.py", ["write", "--out", "c", "--size", "0"], "--size"),
     ("check.py", ["--areas"], "--areas"),
