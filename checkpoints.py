@@ -338,17 +338,22 @@ def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool, restart: 
 
 
 class RunFolderLock:
-    """One process per run folder: an exclusive lock on RUN_DIR/.lock, held from `with`
-    to its end (by the main process only: `active`). The kernel releases it when the
-    process ends in any way, kill -9 included, so it is never left stale. The file holds
-    the holder's process id and host, for the message."""
+    """One process per run folder: an exclusive lock on RUN_DIR/.lock, held from `acquire`
+    to the end of the `with` block (by the main process only: `active`). The kernel
+    releases it when the process ends in any way, kill -9 included, so it is never left
+    stale. The file holds the holder's process id and host, for the message."""
 
     def __init__(self, run_dir: Path, active: bool = True) -> None:
         self.run_dir, self.active, self.file = run_dir, active, None
 
     def __enter__(self) -> RunFolderLock:
+        return self
+
+    def acquire(self) -> None:
+        """Take the lock, creating the folder; CheckpointError when another process has it.
+        Called once the inputs are known to be good: before, nothing is written."""
         if not self.active:
-            return self
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 (held while training)
@@ -360,6 +365,7 @@ class RunFolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
+            self.file = None
             raise CheckpointError(
                 f"{self.run_dir} is in use by process {holder}: one run folder, one training; "
                 "wait for it to end, or choose another --name"
@@ -368,7 +374,6 @@ class RunFolderLock:
         self.file.truncate()
         self.file.write(f"{os.getpid()} on {os.uname().nodename}\n")
         self.file.flush()
-        return self
 
     def __exit__(self, *exc_info) -> None:
         if self.file is not None:

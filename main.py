@@ -241,14 +241,15 @@ def train(args: argparse.Namespace) -> int:
     run_dir, resume_path = checkpoints.find_resume(args.resume, args.logdir, args.name)
     devices.setup_distributed()
     with (
-        checkpoints.RunFolderLock(run_dir, devices.is_main_process()),
+        checkpoints.RunFolderLock(run_dir, devices.is_main_process()) as lock,
         preemption.StopRequests(args.checkpoint_minutes) as stop,
     ):
-        return train_in(run_dir, resume_path, args, stop)
+        return train_in(run_dir, lock, resume_path, args, stop)
 
 
 def train_in(
     run_dir: Path,
+    lock: checkpoints.RunFolderLock,
     resume_path: Path | None,
     args: argparse.Namespace,
     stop: preemption.StopRequests,
@@ -270,9 +271,6 @@ def train_in(
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    checkpoints.prepare_run_dir(
-        run_dir, resume is not None, devices.is_main_process(), restart=args.resume == "auto"
-    )
     devices.seed_everything(args.seed)
 
     # The data: loaders of uint8 images and class ids, from PNGs or a cache.
@@ -291,6 +289,12 @@ def train_in(
         train_set, args.batch_size, args.workers, device.type == "cuda", args.seed
     )
     data.require_labelled_pixels(train_set.dataset, train_set.indices, "training")
+    # The inputs are good: take the run folder (one process per folder), and only then
+    # write to it.
+    lock.acquire()
+    checkpoints.prepare_run_dir(
+        run_dir, resume is not None, devices.is_main_process(), restart=args.resume == "auto"
+    )
     if len(train_loader) == 0:
         raise data.DataError(
             f"{len(train_set)} training frames make no full batch of {args.batch_size} per "
