@@ -1020,8 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=cli.int_range(0, cli.MAX_WORKERS),
         default=None,
-        help="data loading processes (default: 2, or the resumed run's: augmentations "
-        "depend on the worker count)",
+        help="data loading processes (default: 2, or the resumed run's); the batches and "
+        "their augmentations do not depend on it",
     )
     add("--logdir", default="runs", help="where runs are written")
     add("--name", type=cli.folder_name, default=None, help="run name (default: model and time)")
