@@ -40,6 +40,18 @@ def jitter_strength(text: str) -> float:
     return value
 
 
+class InputsAction(argparse.Action):
+    """--inputs: words of `choices` (checked by argparse), rgb among them, each once; stored
+    in the order of `choices` (["rgb", "depth"] for `--inputs depth rgb`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if "rgb" not in values or len(set(values)) != len(values):
+            raise argparse.ArgumentError(
+                self, f"expected rgb, or rgb and more, each once, got {' '.join(values)!r}"
+            )
+        setattr(namespace, self.dest, [name for name in self.choices if name in values])
+
+
 def error_message(error: Exception) -> str:
     """The message of `error`. An exception raised in a DataLoader worker reaches the main
     process re-created with the worker's traceback as its message, which ends with
