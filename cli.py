@@ -11,6 +11,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,13 @@ def jitter_strength(text: str) -> float:
             f"expected a number from 0 up to (not including) 1, got {text!r}"
         )
     return value
+
+
+def existing_file(text: str) -> str:
+    """argparse type of a file that must exist (e.g. predict's --depth)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
 
 
 class InputsAction(argparse.Action):

@@ -561,12 +561,15 @@ def test(args: argparse.Namespace) -> int:
         if area_confusion.matrix is not None
     }
     print(metrics.format_report(results, data.CLASSES))
-    for area, scores in area_results.items():
-        print(
-            f"area {area}: mIoU {scores['miou']:.4f}, pixel accuracy "
-            f"{scores['pixel_accuracy']:.4f} ({area_of_frame.count(area)} frames)"
-        )
-    print(f"mIoU: {results['miou']:.4f} (areas {', '.join(dataset.areas)} together)")
+    if len(area_results) > 1:
+        for area, scores in area_results.items():
+            print(
+                f"area {area}: mIoU {scores['miou']:.4f}, pixel accuracy "
+                f"{scores['pixel_accuracy']:.4f} ({area_of_frame.count(area)} frames)"
+            )
+        print(f"mIoU: {results['miou']:.4f} (areas {', '.join(dataset.areas)} together)")
+    else:
+        print(f"mIoU: {results['miou']:.4f}")
     summary = {
         "model": str(args.model),
         "datadir": str(datadir),
@@ -941,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--depth",
         nargs="+",
+        type=cli.existing_file,
         default=None,
         metavar="FILE",
         help="models trained with depth: the depth PNG of each image, in the same order "

@@ -96,8 +96,18 @@ def test_default_areas_of_a_run_without_fold_are_fold_1s():
     ],
 )
 def test_bad_fold_or_inputs_end_with_one_error_line(args, message, capsys):
+    assert_one_error_line(["train", *args], message, capsys)
+
+
+def test_a_missing_depth_file_for_predict_ends_with_one_error_line(capsys):
+    args = ["predict", "--model", "m.pt", "a.png", "--depth", "no/such/depth.png"]
+    assert_one_error_line(args, "argument --depth: no such file: 'no/such/depth.png'", capsys)
+
+
+def assert_one_error_line(args: list[str], message: str, capsys) -> None:
+    """Parsing `args` stops with exit status 2 and one error line holding `message`."""
     with pytest.raises(SystemExit) as stopped:
-        main.build_parser().parse_args(["train", *args])
+        main.build_parser().parse_args(args)
     assert stopped.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0]
