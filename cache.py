@@ -421,7 +421,9 @@ def command_write(args: argparse.Namespace) -> None:
     )
     if manifest["skipped"]:
         print(f"left out {len(manifest['skipped'])} unreadable frame(s), listed in cache.json")
-    print(f"train on it with: python main.py train --datadir {args.out} --img-size {args.size}")
+    inputs = " --inputs rgb depth" if args.depth else ""
+    command = f"python main.py train --datadir {args.out} --img-size {args.size}{inputs}"
+    print(f"train on it with: {command}")
 
 
 def build_parser() -> argparse.ArgumentParser:
