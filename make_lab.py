@@ -27,11 +27,11 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
 The bundle holds the six scripts, the machinery they import (cache.py, check.py,
-checkpoints.py, cli.py, devices.py, export.py), LAB.md, README.md, the setup files (requirements,
-constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore), synthetic.py,
-bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py):
-the README's commands work in it, and its `bash test.sh` runs the linter and every
-self-check. The teacher-side tests and this script are left out. ``--out DIR`` may exist:
+checkpoints.py, cli.py, depth.py, devices.py, export.py), LAB.md, README.md, the setup files
+(requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
+synthetic.py, bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py,
+tests/test_lab.py): the README's commands work in it, and its `bash test.sh` runs the linter
+and every self-check. The teacher-side tests and this script are left out. ``--out DIR`` may exist:
 the files of the bundle are replaced and everything else in DIR (a student's data/ or
 runs/, say) is left alone. DIR must lie outside this folder. Two runs write identical trees.
 """
@@ -64,6 +64,7 @@ COPIED_FILES: tuple[str, ...] = (
     "check.py",
     "checkpoints.py",
     "cli.py",
+    "depth.py",
     "devices.py",
     "export.py",
     "preemption.py",
