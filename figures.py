@@ -1,6 +1,6 @@
 """The figures of LAB.md, made by the project's own code from synthetic data.
 
-    python figures.py                      # writes docs/lab/{sample,unet,curves,predictions,confusion}.png
+    python figures.py        # docs/lab/{sample,unet,curves,predictions,confusion}.png
 
 One command, a few minutes on 2 CPU cores: it writes a small synthetic data set (the lab's
 own, 160 px), draws one frame with its labels (`python data.py show`), draws the handout's
@@ -220,7 +220,8 @@ def make_figures(work: Path, epochs: int) -> None:
     print(f"test mIoU of the figures' run: {test_miou:.4f}")
     for path in sorted(FIGURES_DIR.glob("*.png")):
         shrink(path)
-        print(f"wrote {path.relative_to(FIGURES_DIR.parents[1])} ({path.stat().st_size // 1024} KB)")
+        size = path.stat().st_size // 1024
+        print(f"wrote {path.relative_to(FIGURES_DIR.parents[1])} ({size} KB)")
 
 
 def main_figures(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import re
 import sys
@@ -310,10 +311,10 @@ def build_bundle(
         content = path.read_bytes()
         if name in SOLUTION_FILES:
             text = path.read_text()
-            if solution:
-                text = solution_version(text, name)
-            else:
-                text = student_version(text, name, give)
+            answers = (
+                solution_version if solution else functools.partial(student_version, give=give)
+            )
+            text = answers(text, name)
             content = text.encode()
         elif name not in BINARY_FILES:
             check_no_markers(content.decode(), name)
@@ -355,7 +356,7 @@ def write_bundle(bundle: dict[str, tuple[bytes, int]], out: Path) -> None:
 
 
 def question_numbers(names: list[str], regions: list[Region]) -> frozenset[int]:
-    """"Q4", "q4" or "4" -> 4, for questions that have an answer to give; MarkerError else."""
+    """ "Q4", "q4" or "4" -> 4, for questions that have an answer to give; MarkerError else."""
     answered = sorted({region.question for region in regions})
     numbers = set()
     for name in names:
