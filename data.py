@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The message of a stub in the students' version of the lab, as make_lab.py writes it:
-# "Q4: build the geometric training augmentations in data.py, see LAB.md".
+# "Qn: TASK in FILE, see LAB.md".
 LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
 
 

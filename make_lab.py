@@ -38,7 +38,7 @@ bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml 
 self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it, and its
 `bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide TEACHER.md
 (in the solution bundle only), figures.py and this script are left out, and so are the lines
-of README.md marked ``<!-- teacher -->`` (a line ending with it, or a block between a line
+of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a line
 ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the files of
 the bundle are replaced and everything else in DIR (a student's data/ or runs/, say) is left
 alone. DIR must lie outside this folder. Two runs write identical trees.
@@ -272,7 +272,7 @@ def check_no_markers(text: str, path: str) -> None:
 
 
 def without_teacher_lines(text: str, path: str) -> str:
-    """`text` without its lines for the teacher: each line ending with TEACHER_LINE, and
+    """`text` without its lines for the teacher: each line holding TEACHER_LINE, and
     each block from a line TEACHER_LINE to a line TEACHER_BLOCK_END, both included."""
     kept: list[str] = []
     block_start = 0
@@ -285,7 +285,7 @@ def without_teacher_lines(text: str, path: str) -> str:
             block_start = line_number
         elif stripped == TEACHER_BLOCK_END:
             raise MarkerError(f"{path}:{line_number}: {TEACHER_BLOCK_END} closes no block")
-        elif not stripped.endswith(TEACHER_LINE):
+        elif TEACHER_LINE not in line:
             kept.append(line)
     if block_start:
         raise MarkerError(f"{path}:{block_start}: {TEACHER_LINE} is never closed")

@@ -47,8 +47,9 @@ def check_results(junit_file: Path) -> dict[str, tuple[bool, str]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 passed = False
-                text = child.get("message") or child.text or child.tag
-                message = text.strip().splitlines()[0] if text.strip() else child.tag
+                text = (child.get("message") or child.text or child.tag).strip()
+                # pytest writes a failed check's message as "Failed: MESSAGE".
+                message = (text.splitlines() or [child.tag])[0].removeprefix("Failed: ")
         results[case.get("name", "")] = (passed, message)
     return results
 

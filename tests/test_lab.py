@@ -311,7 +311,7 @@ def test_q02_transforms_move_image_and_mask_together(synthetic_root):
 def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, capsys):
     picture = tmp_path / "sample.png"
     args = ["show", "--datadir", str(synthetic_root), "--areas", "1", "--out", str(picture)]
-    expect(data.main(args) == 0, "python data.py show should succeed")
+    run_command(args, "python data.py show", data.main)
     printed = capsys.readouterr().out
     for expected in ("(3, 64, 64)", "(64, 64)", "torch.uint8"):
         expect(expected in printed, f"data.py show should print {expected}, it printed:\n{printed}")
@@ -322,7 +322,7 @@ def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, c
 def test_q03_histogram_counts_every_pixel(synthetic_root, tmp_path):
     out = tmp_path / "histogram.json"
     args = ["histogram", "--datadir", str(synthetic_root), "--areas", "1", "2"]
-    expect(data.main([*args, "--out", str(out)]) == 0, "python data.py histogram should succeed")
+    run_command([*args, "--out", str(out)], "python data.py histogram", data.main)
     result = json.loads(out.read_text())
     expected_pixels = 12 * 64 * 64  # 6 frames of 64x64 in each of the two areas
     expect(
@@ -1000,12 +1000,13 @@ def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
     return logdir / "tiny"
 
 
-def run_command(args: list[str], what: str) -> None:
-    """Run `python main.py ARGS` in this process; an AssertionError naming `what` and the
-    line the program printed about the cause when it fails."""
+def run_command(args: list[str], what: str, script_main: Callable = main.main) -> None:
+    """Run `python main.py ARGS` (or the script of `script_main`) in this process; when it
+    fails, an AssertionError naming `what` and the line the program printed about the cause,
+    or the NotImplementedError of the unanswered question that it names."""
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
-        code = main.main(args)
+        code = script_main(args)
     if code != 0:
         lines = [line for line in errors.getvalue().splitlines() if line.strip()]
         cause = lines[-1] if lines else f"exit code {code}"
