@@ -5,9 +5,11 @@
 
 Every check is named test_qNN_..., NN being the question number in two digits, so that
 `-k q01` selects Q1 and not Q10. A failing check says in one sentence what was expected and
-what came out; a question still answered by its stub says so, with the file and function to
-edit. The checks use tiny tensors and a tiny synthetic data set (made once per run by
-tests/conftest.py): the whole file runs in a few seconds on a CPU.
+what came out, and the likely mistake when it can tell; an answer that raises an exception is
+reported in one line with the file and line that raised it; a question still answered by its
+stub says so, with the file and function to edit. The checks use tiny tensors and a tiny
+synthetic data set (made once per run by tests/conftest.py): the whole file runs in a few
+seconds on a CPU.
 """
 
 from __future__ import annotations

@@ -642,3 +642,34 @@ def test_a_teacher_block_left_open_is_an_error():
         make_lab.without_teacher_lines("a\n<!-- teacher -->\nb\n", "README.md")
     with pytest.raises(make_lab.MarkerError, match=r"^README\.md:1: "):
         make_lab.without_teacher_lines("<!-- /teacher -->\n", "README.md")
+
+
+KINDS = ("core", "optional", "homework")
+
+
+def test_the_handout_has_a_time_plan_whose_core_fits_three_hours():
+    plan = LAB_TEXT[LAB_TEXT.index("### Time plan") : LAB_TEXT.index("## Objectives")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in plan.splitlines()]
+    rows = [row for row in cells if len(row) == 4 and row[3].startswith(KINDS)]
+    core_minutes = 0
+    for _, _, duration, kind in rows:
+        minutes = re.fullmatch(r"(\d+) min", duration)
+        if kind == "core":
+            assert minutes, duration
+            core_minutes += int(minutes[1])
+    assert 150 <= core_minutes <= 180, core_minutes
+    total = re.search(r"^\| \*\*Core\*\* \| \| \*\*(\d) h (\d+) min\*\* \|", plan, re.M)
+    assert total and int(total[1]) * 60 + int(total[2]) == core_minutes
+    core_questions = " ".join(row[1] for row in rows if row[3] == "core")
+    for question in (1, 2, 3, 4, 5, 8, 10, 11, 13, 14):
+        assert f"Q{question}" in core_questions, question
+    assert {"Q9", "Q12"} <= set(re.findall(r"Q\d+", " ".join(r[1] for r in rows if r[3] != "core")))
+
+
+def test_the_time_plan_holds_the_measured_time_of_every_core_command():
+    import lab_timing
+
+    measured = dict(re.findall(r"^\| .+? \| `(.+?)` \| (\d+) s \|$", LAB_TEXT, re.MULTILINE))
+    commands = lab_timing.CORE_COMMANDS + lab_timing.OPTIONAL_COMMANDS
+    assert set(measured) == {lab_timing.shown(command) for _, command in commands}
+    assert "python make_lab.py --time" in LAB_TEXT
