@@ -226,7 +226,7 @@ def make_figures(work: Path, epochs: int) -> None:
 
 def main_figures(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the training run")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of the training run")
     parser.add_argument("--work", help="folder for the data and the run (default: temporary)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
