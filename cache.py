@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a folder that cannot be made, a full disk
+        print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

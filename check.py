@@ -2,8 +2,10 @@
 
     python check.py --datadir ROOT [--areas 1 2]
 
-A problem is a PNG that does not decode whole (damaged, cut short, not a PNG), an rgb file
-without its semantic file or the reverse, or an rgb / semantic pair of different sizes.
+A problem is a PNG that does not decode whole (damaged, cut short, not a PNG, too large), a
+semantic PNG that is not 8-bit RGB (a grayscale or palette copy has lost its labels), an rgb
+file without its semantic file or the reverse, an rgb / semantic pair of different sizes, or
+an area without a single labelled pixel. An empty or malformed label list is an error.
 The exit status is 0 when nothing was found, 1 otherwise. Each PNG is decoded completely
 with Pillow, which raises on a broken compressed stream that passes the checksums, where
 torchvision's decoder would crash the process.
@@ -14,36 +16,47 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
 
 import data
 from data import DataError, Frame
 
 
-def checked_png_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a PNG after decoding all of it with Pillow."""
+def decoded_png(path: Path, labels: bool = False) -> np.ndarray:
+    """The pixels of a PNG, `(H, W)` or `(H, W, C)` uint8, after decoding all of it with
+    Pillow; with `labels`, of a semantic PNG, which must be 8-bit RGB."""
     from PIL import Image
 
-    raw = data.read_png_bytes(path)
+    raw = data.read_png_bytes(path, labels)
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            width, height = image.size
+        with warnings.catch_warnings():
+            # Past Pillow's decompression-bomb limit it warns, past twice the limit it
+            # raises: either way a frame that size is refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                return np.asarray(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"cannot read {path}: too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read {path}: {error}") from None
-    return height, width
 
 
-def check_frame(frame: Frame) -> str | None:
-    """Why one frame cannot be used (unreadable file, sizes differ), or None when it is fine."""
+def check_frame(frame: Frame, label_table: torch.Tensor) -> tuple[str | None, bool]:
+    """Why one frame cannot be used (unreadable file, sizes differ), or None when it is
+    fine; and whether it has a labelled pixel."""
     try:
-        image_size = checked_png_size(frame.rgb_path)
-        semantic_size = checked_png_size(frame.semantic_path)
+        image = decoded_png(frame.rgb_path)
+        semantic = decoded_png(frame.semantic_path, labels=True)
     except DataError as error:
-        return str(error)
-    if image_size != semantic_size:
-        return data.size_mismatch(frame, image_size, semantic_size)
-    return None
+        return str(error), False
+    if image.shape[:2] != semantic.shape[:2]:
+        return data.size_mismatch(frame, image.shape[:2], semantic.shape[:2]), False
+    colors = torch.from_numpy(np.array(semantic[..., :3])).permute(2, 0, 1)  # a writable copy
+    return None, bool(data.decode_semantic(colors, label_table).any())
 
 
 def missing_rgb_files(root: Path, areas: list[str] | None) -> list[Path]:
@@ -66,13 +79,25 @@ def find_problems(
     from tqdm import tqdm
 
     frames, unlabelled = data.find_frames(root, areas)  # first: it names a missing root
-    data.load_label_table(root / data.LABELS_FILE)
+    label_table = data.load_label_table(root / data.LABELS_FILE)
     problems = [f"{frame.semantic_path} is missing" for frame in unlabelled]
     problems += [f"{path} is missing" for path in missing_rgb_files(root, areas)]
+    readable: dict[str, int] = {}  # area -> frames read whole
+    labelled: set[str] = set()  # areas with a labelled pixel
     for frame in tqdm(frames, desc="check", disable=not progress):
-        problem = check_frame(frame)
+        problem, has_labels = check_frame(frame, label_table)
         if problem:
             problems.append(problem)
+        else:
+            readable[frame.area] = readable.get(frame.area, 0) + 1
+        if has_labels:
+            labelled.add(frame.area)
+    for area, count in readable.items():
+        if area not in labelled:
+            problems.append(
+                f"area {area}: no labelled pixel in its {count} readable frames (every pixel "
+                f"decodes to <UNK> with {root / data.LABELS_FILE})"
+            )
     return len(frames), problems
 
 
@@ -87,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     for problem in problems:
         print(problem)
     print(f"checked {num_frames} frames: {len(problems)} problem(s)")

@@ -20,6 +20,7 @@ import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,21 +69,66 @@ def load_checkpoint(path: str | Path) -> dict:
         hint = f" ({sibling} exists and can be used instead)" if sibling.is_file() else ""
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects that could run code, and only "
-            f"plain data is accepted ({first_line})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        with warnings.catch_warnings():
+            # A bare pickle of another protocol makes torch warn before it refuses the file.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds for a damaged or foreign file
+        raise CheckpointError(load_failure(path, error)) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     return checkpoint
+
+
+# The first bytes of what torch.save writes (a zip archive), and of a bare pickle.
+ZIP_SIGNATURE = b"PK\x03\x04"
+PICKLE_PROTOCOL_OPCODE = 0x80
+
+
+def load_failure(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, in one line. torch's own message
+    advises loading again with weights_only=False, which would run whatever code an
+    untrusted file holds: that advice is never passed on."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError as read_error:
+        return f"cannot read checkpoint {path}: {read_error.strerror}"
+    if not head:
+        return f"checkpoint {path} is empty (0 bytes): it was cut short or never written"
+    if head != ZIP_SIGNATURE and head[0] != PICKLE_PROTOCOL_OPCODE:
+        return (
+            f"{path} is not a PyTorch checkpoint: its bytes are neither a zip archive nor a pickle"
+        )
+    refused = isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error)
+    if refused and ("GLOBAL" in str(error) or head == ZIP_SIGNATURE):
+        # A file of torch.save whose pickle holds an object, or an instruction (a newer
+        # pickle protocol), that the plain-data unpickler does not accept.
+        return (
+            f"refused to load {path}: it holds Python objects that could run code, and only "
+            f"plain data is accepted ({torch_detail(error)})"
+        )
+    if head != ZIP_SIGNATURE:
+        return (
+            f"{path} is not a checkpoint of this project: it is a pickle that torch.save did "
+            f"not write ({torch_detail(error)})"
+        )
+    return f"cannot read checkpoint {path}: it is damaged or cut short ({torch_detail(error)})"
+
+
+def torch_detail(error: Exception) -> str:
+    """The informative part of torch.load's message: its first line without the advice
+    about weights_only, or the line that names the refused object."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported operand" in line:
+            return line.removeprefix("WeightsUnpickler error: ")
+    sentences = re.split(r"(?<=\.) ", lines[0]) if lines else [type(error).__name__]
+    kept = [s for s in sentences if "weights_only" not in s and "trusted source" not in s]
+    return " ".join(kept[:2]) or type(error).__name__
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:

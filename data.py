@@ -126,8 +126,8 @@ def load_label_table(labels_path: str | Path) -> torch.Tensor:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{labels_path} is not valid JSON: {error}") from None
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise DataError(f"{labels_path} must hold a JSON list of strings")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{labels_path} must hold a non-empty JSON list of label strings")
     try:
         class_ids = [class_index_of_label(label) for label in labels]
     except ValueError as error:
@@ -264,13 +264,14 @@ def list_frames(root: str | Path, areas: list[str] | None = None) -> list[Frame]
     return frames
 
 
-def read_png(path: Path) -> torch.Tensor:
+def read_png(path: Path, labels: bool = False) -> torch.Tensor:
     """Decode an 8-bit PNG to a `(3, H, W)` uint8 tensor; a broken file names itself.
+    With `labels`, the file is a semantic PNG, whose colors must be stored as such (RGB).
 
     With pyspng the tensor is a channels-first view of `(H, W, 3)` memory, the layout in
     which torchvision resizes uint8 images fastest.
     """
-    raw = read_png_bytes(path)  # checked whole first: see "PNG checks" at the end
+    raw = read_png_bytes(path, labels)  # checked first: see "PNG checks" at the end
     try:
         if pyspng is not None:
             return torch.from_numpy(pyspng.load(raw, "RGB")).permute(2, 0, 1)
@@ -354,7 +355,7 @@ class StanfordDataset(Dataset):
         """Frame `index` as `(image (3, H, W) uint8, mask (H, W) uint8)`, transforms applied."""
         frame = self.frames[index]
         image = read_png(frame.rgb_path)
-        semantic = read_png(frame.semantic_path)
+        semantic = read_png(frame.semantic_path, labels=True)
         if image.shape != semantic.shape:
             raise DataError(size_mismatch(frame, tuple(image.shape[1:]), tuple(semantic.shape[1:])))
         # >>> Q2: apply the transforms, then decode the labels
@@ -366,7 +367,8 @@ class StanfordDataset(Dataset):
 
     def label_mask(self, index: int) -> torch.Tensor:
         """The class ids of frame `index` at full size, no transforms: `(H, W)` uint8."""
-        return decode_semantic(read_png(self.frames[index].semantic_path), self.label_table)
+        semantic = read_png(self.frames[index].semantic_path, labels=True)
+        return decode_semantic(semantic, self.label_table)
 
     def bad_paths(self) -> list[Path]:
         """With `skip_bad`, the files of the frames left out so far: the missing semantic file
@@ -745,6 +747,8 @@ def stops_at_unanswered_questions(command: Callable[..., int]) -> Callable[..., 
 def main(argv: list[str] | None = None, open_dataset: DatasetOpener = StanfordDataset) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.out is not None:
+            check_output_file(args.out)
         if args.command == "show":
             command_show(args.datadir, args.areas, args.index, args.out, open_dataset)
         else:
@@ -762,6 +766,11 @@ def main(argv: list[str] | None = None, open_dataset: DatasetOpener = StanfordDa
 
 
 def missing_datadir_message(root: str | Path) -> str:
+    if Path(root).exists():
+        return (
+            f"data directory {root} is a file, not a folder: point --datadir (or "
+            f"${DATADIR_VARIABLE}) at the 2D-3D-S root folder"
+        )
     return (
         f"data directory {root} does not exist. Point --datadir (or ${DATADIR_VARIABLE}) at "
         "the 2D-3D-S root (download: http://buildingparser.stanford.edu/dataset.html), "
@@ -817,16 +826,70 @@ def png_damage(raw: bytes) -> str | None:
     return f"it ends after {len(raw)} bytes, before its IEND chunk (truncated file)"
 
 
-def read_png_bytes(path: Path) -> bytes:
-    """The bytes of a PNG file whose chunks are whole; a DataError names what is wrong."""
+# PNG color types (byte 25 of the file, in the IHDR chunk) whose colors survive decoding
+# to RGB unchanged: truecolor, and truecolor with alpha.
+RGB_COLOR_TYPES = {2: "RGB", 6: "RGBA"}
+OTHER_COLOR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale with alpha"}
+
+
+def label_png_problem(raw: bytes) -> str | None:
+    """Why a whole PNG cannot hold labels, or None: each label is a 24-bit color, so a
+    semantic PNG must be 8-bit RGB; a grayscale or palette copy decodes to no label at all."""
+    bit_depth, color_type = raw[24], raw[25]  # IHDR, the first chunk, after width and height
+    if color_type in RGB_COLOR_TYPES and bit_depth == 8:
+        return None
+    kind = RGB_COLOR_TYPES.get(color_type) or OTHER_COLOR_TYPES.get(color_type, "unknown")
+    return (
+        f"it is a {bit_depth}-bit {kind} PNG, but the labels are 8-bit RGB colors (the file "
+        "was converted or is not a semantic PNG of 2D-3D-S)"
+    )
+
+
+def read_png_bytes(path: Path, labels: bool = False) -> bytes:
+    """The bytes of a PNG file whose chunks are whole (with `labels`, of an 8-bit RGB PNG);
+    a DataError names what is wrong."""
     try:
         raw = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from None
-    damage = png_damage(raw)
+    damage = png_damage(raw) or (label_png_problem(raw) if labels else None)
     if damage:
         raise DataError(f"cannot read {path}: {damage}")
     return raw
+
+
+def require_labelled_pixels(dataset: Dataset, indices: list[int], what: str) -> None:
+    """DataError unless some frame `indices` of `dataset` has a labelled (not <UNK>) pixel.
+
+    Stops at the first such frame, so a usable data set costs one frame; a set without any
+    label would train to a loss of 0 and score nothing.
+    """
+    unreadable = []
+    for index in indices:
+        try:
+            if dataset.label_mask(index).any():
+                return
+        except DataError as error:
+            unreadable.append(error)  # the loader names it, or skips it with --skip-bad
+    if unreadable:
+        raise unreadable[0]
+    raise DataError(
+        f"the {len(indices)} {what} frames have no labelled pixel: every pixel decodes to "
+        f"<UNK>; check the label list {LABELS_FILE} and the semantic PNGs with "
+        "`python check.py`"
+    )
+
+
+def check_output_file(out: str | Path) -> None:
+    """DataError unless `out` can be written as a new or replaced file: its folder exists
+    and it is not a folder itself."""
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder: name a file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(f"--out {out}: {out.parent} is a file, not a folder")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -235,6 +237,7 @@ def train(args: argparse.Namespace) -> int:
         open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
     )  # fmt: skip
     train_set, val_set = train_loader.dataset, val_loader.dataset
+    data.require_labelled_pixels(train_set.dataset, train_set.indices, "training")
     if len(train_loader) == 0:
         raise data.DataError(
             f"{len(train_set)} training frames make no full batch of {args.batch_size}: "
@@ -334,7 +337,7 @@ def training_loss(name: str, train_set, shares_file: str | None, weight_method: 
     class_weights = None
     if name == "wce":
         if shares_file:
-            shares = json.loads(Path(shares_file).read_text())["pixel_share"]
+            shares = cli.read_pixel_shares(shares_file, data.NUM_CLASSES)
         else:
             counts = data.class_histogram(train_set.dataset, train_set.indices)
             shares = (counts / counts.sum().clamp(min=1)).tolist()
@@ -507,6 +510,7 @@ def test(args: argparse.Namespace) -> int:
     indices = data.subset_indices(len(dataset), args.subset)
     frames = torch.utils.data.Subset(FramesWithIndex(dataset), indices)
     loader = data.make_loader(frames, args.batch_size, False, args.workers, device.type == "cuda")
+    loader.collate_fn = collate_same_size
     out = Path(args.out or Path(args.model).parent / f"test-{'-'.join(dataset.areas)}")
     if devices.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -560,8 +564,27 @@ class FramesWithIndex(torch.utils.data.Dataset):
         return (*self.dataset[index], index)
 
 
+def collate_same_size(samples: list[tuple]) -> tuple:
+    """Batch `(image, mask, index)` samples whose masks share one size, else a DataError
+    naming two sizes: full-resolution scores compare the logits at each mask's own size,
+    and a batch holds one size."""
+    sizes = {tuple(sample[1].shape) for sample in samples}
+    if len(sizes) > 1:
+        first, second = sorted(sizes)[:2]
+        raise data.DataError(
+            f"the test frames have different sizes ({first[1]}x{first[0]} and "
+            f"{second[1]}x{second[0]}): score them with --batch-size 1, or at the training "
+            "size with --at-train-size"
+        )
+    return torch.utils.data.default_collate(samples)
+
+
 def default_test_areas(root: str, checkpoint: dict) -> list[str]:
     """The areas under `root` that the model was not trained on."""
+    if not Path(root).is_dir():
+        raise data.DataError(data.missing_datadir_message(root))
+    if not data.areas_on_disk(root):
+        raise data.DataError(f"no area_* folder under {root}: is this a 2D-3D-S root or cache?")
     trained = {
         a for area in checkpoint["args"].get("areas") or [] for a in data.normalize_area(area)
     }
@@ -572,30 +595,65 @@ def default_test_areas(root: str, checkpoint: dict) -> list[str]:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders become the image files they hold (sorted)."""
+    """Files as given; folders become the files they hold (sorted). Their subfolders are
+    named on stderr and not read: give them as inputs of their own."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.iterdir() if p.is_file()))
+            children = sorted(path.iterdir())
+            paths.extend(child for child in children if child.is_file())
+            for child in children:
+                if child.is_dir():
+                    print(
+                        f"warning: skipping the folder {child}: only the files of {path} are "
+                        "read; give it as an input of its own to segment its images",
+                        file=sys.stderr,
+                    )
         else:
             paths.append(path)
     return paths
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Any image PIL reads (RGB, RGBA, grayscale, palette, JPEG...) as `(3, H, W)` uint8."""
-    import numpy as np
+    """Any image PIL reads (RGB, RGBA, grayscale, palette, JPEG, 16-bit, float TIFF...) as
+    `(3, H, W)` uint8. Larger than Pillow's decompression-bomb limit (89 megapixels) is
+    refused: a picture that size would not fit in memory as logits."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = image_to_rgb8(image)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"{path}: too large to segment, scale it down first ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
+
+
+def image_to_rgb8(image: PIL.Image.Image) -> np.ndarray:
+    """The pixels of a PIL image as `(H, W, 3)` uint8 RGB. Pillow's convert("RGB") clips
+    16-bit and 32-bit values to 255 (all white) and float values in [0, 1] to 0 (all black),
+    so those single-channel modes are scaled here: 16-bit by 255 / 65535, floats in [0, 1]
+    by 255, 32-bit integers and other floats from their own minimum and maximum."""
+    if image.mode not in ("F", "I") and not image.mode.startswith("I;16"):
+        return np.asarray(image.convert("RGB"))
+    values = np.nan_to_num(np.asarray(image).astype(np.float64))
+    low, high = float(values.min()), float(values.max())
+    if image.mode.startswith("I;16"):  # 16-bit: 0 to 65535
+        scaled = values * (255 / 65535)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:  # 32-bit integers, or floats of another range
+        scaled = (values - low) * (255 / max(high - low, 1e-12))
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 @torch.no_grad()
@@ -622,6 +680,10 @@ def segment_with_onnxruntime(session, image: torch.Tensor) -> torch.Tensor:
     # <<< Q14
 
 
+# The files predict writes for an input named STEM: STEM_mask.png, ... (save_prediction).
+PREDICTION_SUFFIXES = ("_mask.png", "_overlay.png", "_legend.png")
+
+
 def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, stem: str) -> None:
     """Write STEM_mask.png (the class ids, shown in their colors), STEM_overlay.png and
     STEM_legend.png (the classes found and their share)."""
@@ -631,9 +693,10 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
     from matplotlib.figure import Figure
     from PIL import Image
 
-    utils.save_class_ids(prediction, out / f"{stem}_mask.png")
+    mask_suffix, overlay_suffix, legend_suffix = PREDICTION_SUFFIXES
+    utils.save_class_ids(prediction, out / f"{stem}{mask_suffix}")
     blended = utils.overlay(image, prediction).permute(1, 2, 0).numpy()
-    Image.fromarray(blended).save(out / f"{stem}_overlay.png")
+    Image.fromarray(blended).save(out / f"{stem}{overlay_suffix}")
     counts = torch.bincount(prediction.flatten(), minlength=data.NUM_CLASSES)
     present = [i for i in range(data.NUM_CLASSES) if counts[i] > 0]
     handles = [utils.legend_handles()[i] for i in present]
@@ -641,7 +704,7 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
         handle.set_label(f"{data.CLASSES[index]} {counts[index] / counts.sum():.1%}")
     figure = Figure(figsize=(3, 0.3 * len(handles) + 0.5))
     figure.legend(handles=handles, loc="center", frameon=False)
-    figure.savefig(out / f"{stem}_legend.png", dpi=100)
+    figure.savefig(out / f"{stem}{legend_suffix}", dpi=100)
 
 
 def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -659,21 +722,19 @@ def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor],
 
 
 def predict(args: argparse.Namespace) -> int:
-    segment = load_segmenter(args.model, devices.pick_device(args.device))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures, stems = 0, set()
-    for path in expand_inputs(args.images):
+    paths = expand_inputs(args.images)
+    stems = cli.output_stems(paths, out, PREDICTION_SUFFIXES)  # before anything is written
+    segment = load_segmenter(args.model, devices.pick_device(args.device))
+    cli.make_output_folder(out)
+    failures = 0
+    for path, stem in zip(paths, stems, strict=True):
         try:
             image = read_image(path)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
-        stem = path.stem
-        while stem in stems:  # two inputs with one name must not overwrite each other
-            stem += "_"
-        stems.add(stem)
         save_prediction(image, segment(image), out, stem)
         print(f"{path} -> {out / stem}_mask.png, _overlay.png, _legend.png")
     if failures:
@@ -731,12 +792,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="validation areas; without them whole rooms of the training areas are held out",
     )
-    add("--val-fraction", type=float, default=0.2, help="share of rooms held out (no --val-areas)")
+    add(
+        "--val-fraction",
+        type=cli.float_range(0.0, 1.0, include_minimum=False),
+        default=0.2,
+        help="share of rooms held out (no --val-areas)",
+    )
     add("--model", default="unet", choices=models.available_models(), help="architecture")
-    add("--num-blocks", type=int, help=f"UNet: encoder blocks (default {unet['num_blocks']})")
+    add(
+        "--num-blocks",
+        type=cli.int_range(1, cli.MAX_UNET_BLOCKS),
+        help=f"UNet: encoder blocks (default {unet['num_blocks']})",
+    )
     add(
         "--base-chan",
-        type=int,
+        type=cli.int_range(1, cli.MAX_BASE_CHANNELS),
         help=f"UNet: channels of the first block (default {unet['base_chan']})",
     )
     add(
@@ -753,33 +823,58 @@ def build_parser() -> argparse.ArgumentParser:
         choices=losses.available_weight_methods,
         help="wce: how class weights follow from the pixel shares",
     )
-    add("--class-weights", default=None, help="wce: pixel shares from `data.py histogram --out`")
-    add("--epochs", type=int, default=30, help="passes over the training set")
-    add("--batch-size", type=int, default=8, help="frames per step (per process)")
-    add("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    add(
+        "--class-weights",
+        type=cli.pixel_shares_file(data.NUM_CLASSES),
+        default=None,
+        help="wce: pixel shares from `data.py histogram --out`",
+    )
+    add("--epochs", type=cli.int_range(1), default=30, help="passes over the training set")
+    add("--batch-size", type=cli.int_range(1), default=8, help="frames per step (per process)")
+    add(
+        "--lr",
+        type=cli.float_range(0.0, include_minimum=False),
+        default=1e-3,
+        help="AdamW learning rate",
+    )
+    add("--weight-decay", type=cli.float_range(0.0), default=1e-4, help="AdamW weight decay")
     add("--schedule", default="poly", choices=("poly", "cosine"), help="learning rate decay")
-    add("--warmup-steps", type=int, default=100, help="linear warmup steps")
-    add("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    add("--img-size", type=int, default=256, help="training crops are IMG_SIZE x IMG_SIZE")
+    add("--warmup-steps", type=cli.int_range(0), default=100, help="linear warmup steps")
+    add(
+        "--clip-grad",
+        type=cli.float_range(0.0),
+        default=1.0,
+        help="max gradient norm (0: no clipping)",
+    )
+    add(
+        "--img-size",
+        type=cli.int_range(cli.MIN_IMG_SIZE, cli.MAX_IMG_SIZE),
+        default=256,
+        help="training crops are IMG_SIZE x IMG_SIZE",
+    )
     add(
         "--jitter",
         type=cli.jitter_strength,
         default=0.2,
         help="color jitter: brightness, contrast and saturation vary by up to this (0: off)",
     )
-    add("--subset", type=int, default=None, help="use only N frames (spread over the data)")
+    add(
+        "--subset",
+        type=cli.int_range(1),
+        default=None,
+        help="use only N frames (spread over the data)",
+    )
     add(
         "--workers",
-        type=int,
+        type=cli.int_range(0, cli.MAX_WORKERS),
         default=None,
         help="data loading processes (default: 2, or the resumed run's: augmentations "
         "depend on the worker count)",
     )
     add("--logdir", default="runs", help="where runs are written")
-    add("--name", default=None, help="run name (default: model and time)")
+    add("--name", type=cli.folder_name, default=None, help="run name (default: model and time)")
     add("--resume", default=None, help="continue the run of this last.pt")
-    add("--seed", type=int, default=0, help="random seed")
+    add("--seed", type=cli.int_range(0, cli.MAX_SEED), default=0, help="random seed")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     add(
         "--amp",
@@ -795,14 +890,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--stop-after",
-        type=int,
+        type=cli.int_range(1),
         default=None,
         metavar="EPOCHS",
         help="end this invocation after EPOCHS epochs (e.g. a cluster time limit); "
         "continue later with --resume",
     )
     add("--skip-bad", action="store_true", help="skip unreadable frames instead of stopping")
-    add("--max-bad-steps", type=int, default=20, help="stop after this many NaN losses in a row")
+    add(
+        "--max-bad-steps",
+        type=cli.int_range(1),
+        default=20,
+        help="stop after this many NaN losses in a row",
+    )
 
     test_parser = commands.add_parser(
         "test", help="evaluate a checkpoint", formatter_class=defaults
@@ -832,9 +932,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score at the training size instead of the labels' full resolution",
     )
-    add("--batch-size", type=int, default=4, help="frames per batch")
-    add("--subset", type=int, default=None, help="use only N frames")
-    add("--workers", type=int, default=2, help="data loading processes")
+    add("--batch-size", type=cli.int_range(1), default=4, help="frames per batch")
+    add("--subset", type=cli.int_range(1), default=None, help="use only N frames")
+    add(
+        "--workers",
+        type=cli.int_range(0, cli.MAX_WORKERS),
+        default=2,
+        help="data loading processes",
+    )
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
 
     predict_parser = commands.add_parser("predict", help="segment images", formatter_class=defaults)
@@ -863,11 +968,20 @@ USER_ERRORS = (
     devices.UsageError,
     export.ExportError,
     models.WeightsError,
+    cli.FlagError,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.resume is None:  # a resumed run has its own flags
+        try:
+            cli.check_train_flags(
+                args.model, args.num_blocks, args.base_chan, args.loss, args.class_weights
+            )
+        except cli.FlagError as error:
+            parser.error(str(error))  # exit status 2, like any flag argparse refuses
     if getattr(args, "name", "") is None:
         args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -36,6 +36,7 @@ output shape and forward GFLOP per image.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import pickle
 from collections.abc import Callable
@@ -300,17 +301,46 @@ class WeightsError(Exception):
 
 
 def published_state(weights: Weights) -> dict[str, torch.Tensor]:
-    """The state dict of torchvision's `weights`, downloaded once into torch's cache (checked
-    against the hash in its file name) and read with weights_only=True: torchvision's own
-    loader would unpickle any object the file holds."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    """The state dict of torchvision's `weights`, downloaded once into torch's cache and read
+    with weights_only=True: torchvision's own loader would unpickle any object the file holds.
+
+    The file name carries the first hex digits of its SHA-256 (`resnet50-0676ba61.pth`).
+    torch.hub checks them on download only; a file already in the cache, which anyone with
+    access to the folder may have replaced, is checked here before it is read."""
+    name = Path(urlparse(weights.url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    match = torch.hub.HASH_REGEX.search(name)
+    if match is None:
+        raise WeightsError(f"{weights.url} carries no hash in its name to check it against")
+    if cached.exists():
+        check_published_file(cached, match.group(1))
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:  # URLError is an OSError
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise WeightsError(
             f"cannot load {weights.url} ({str(error).splitlines()[0]}); without a network, "
             f"copy that file to {cached}"
         ) from None
+    except pickle.UnpicklingError:  # its hash matched, so the published file itself
+        raise WeightsError(
+            f"refused to load {cached}: it holds Python objects that could run code; "
+            "delete it to download it again"
+        ) from None
+
+
+def check_published_file(path: Path, prefix: str) -> None:
+    """WeightsError unless the SHA-256 of the cached file `path` starts with `prefix`."""
+    try:
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as error:
+        raise WeightsError(f"cannot read {path}: {error.strerror}") from None
+    if not digest.startswith(prefix):
+        raise WeightsError(
+            f"refused to load {path}: its SHA-256 {digest[:16]}... does not start with the "
+            f"{prefix} of its name, so it is not the published file; delete it to download "
+            "it again"
+        )
 
 
 def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none") -> nn.Module:

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import AREAS, LABELS_FILE, Frame
+from data import AREAS, LABELS_FILE, DataError, Frame
 
 ROOM_TYPES = ("office", "office", "office", "hallway", "conferenceRoom", "storage", "WC", "lounge")
 NO_DATA_COLOR = (13, 13, 13)  # #0D0D0D, index 855,309: past the end of the label list
+# Written beside the label list: the root was made here, and may be written into again.
+MARKER_FILE = Path("assets") / "made_by_synthetic.txt"
 NEAR_PLANE = 0.05  # meters in front of the camera; closer geometry is clipped
 
 
@@ -553,8 +555,10 @@ def generate(
         }
     )
     labels = ["<UNK>_0_<UNK>_0_0", *labels]
+    refuse_foreign_root(out, labels)
     (out / LABELS_FILE).parent.mkdir(parents=True, exist_ok=True)
     (out / LABELS_FILE).write_text(json.dumps(labels))
+    (out / MARKER_FILE).write_text("synthetic scenes written by synthetic.py\n")
     label_index = {label: index for index, label in enumerate(labels)}
 
     from tqdm import tqdm
@@ -574,6 +578,33 @@ def generate(
     bar.close()
 
 
+def refuse_foreign_root(out: Path, labels: list[str]) -> None:
+    """DataError unless `out` is new, empty, or a root this program made with the same label
+    list: the frames already there index that list, so a new list (or a real data set's,
+    overwritten) would silently change what every one of them means."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    if not any(out.iterdir()):
+        return
+    if not (out / MARKER_FILE).is_file():
+        raise DataError(
+            f"--out {out} already holds files that synthetic.py did not write (no "
+            f"{MARKER_FILE}): nothing was changed; choose a new or empty folder"
+        )
+    try:
+        existing = json.loads((out / LABELS_FILE).read_text())
+    except (OSError, ValueError):
+        existing = None
+    if existing != labels:
+        raise DataError(
+            f"--out {out} was made with other areas, frames or seed: its {LABELS_FILE} "
+            "differs from the one these frames need, and its frames would decode wrong; "
+            "nothing was changed; write all areas at once into a new or empty folder"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write synthetic scenes in the 2D-3D-S format.")
     parser.add_argument("--out", required=True, help="root folder to write")
@@ -584,7 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images_per_area < 1 or args.size < 16:
         parser.error("--images-per-area must be >= 1 and --size >= 16")
-    generate(args.out, args.areas, args.images_per_area, args.size, args.seed)
+    try:
+        generate(args.out, args.areas, args.images_per_area, args.size, args.seed)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder that cannot be made, a full disk
+        print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

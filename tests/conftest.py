@@ -23,3 +23,19 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("stanford2d3ds")
     synthetic.generate(root, ["1", "2", "5a"], images_per_area=6, size=64, seed=0, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a 2-block UNet trained one epoch on 4 frames of area 1 (32 px crops)."""
+    import main
+
+    logdir = tmp_path_factory.mktemp("tiny-run")
+    argv = [
+        "train", "--datadir", str(synthetic_root), "--areas", "1", "--val-areas", "5a",
+        "--epochs", "1", "--batch-size", "2", "--subset", "4", "--workers", "0",
+        "--device", "cpu", "--logdir", str(logdir), "--name", "tiny", "--num-blocks", "2",
+        "--base-chan", "4", "--img-size", "32",
+    ]  # fmt: skip
+    assert main.main(argv) == 0
+    return logdir / "tiny" / "best.pt"

@@ -234,11 +234,20 @@ def torch_cache(monkeypatch, tmp_path) -> Path:
     return cache
 
 
+@pytest.fixture
+def hash_checks(torch_cache, monkeypatch) -> list[tuple[Path, str]]:
+    """For the tests that place their own weights under torchvision's file names: those
+    cannot hash to the published prefix, so the hash check only records what it was asked
+    to check (its own tests are below, with files whose names carry their real hash)."""
+    checked: list[tuple[Path, str]] = []
+    monkeypatch.setattr(models, "check_published_file", lambda *call: checked.append(call))
+    return checked
+
+
 def place_weights(cache: Path, weights, net: nn.Module) -> dict[str, torch.Tensor]:
     """Save a state dict shaped like net's under the file name torchvision loads weights from.
 
-    torch.hub checks the hash in the file name only when it downloads: a cached file loads as
-    is. Every float tensor is drawn from [2, 3), which PyTorch's default initialisation of a
+    Every float tensor is drawn from [2, 3), which PyTorch's default initialisation of a
     new conv or BatchNorm never reaches, so a built model's tensor that holds such values
     came from this file and one that holds none did not.
     """
@@ -276,7 +285,7 @@ COCO_STARTS = [
 
 @pytest.mark.parametrize("name, weights, coco_builder, new_layers", COCO_STARTS)
 def test_coco_start_keeps_all_but_the_last_layers(
-    torch_cache, name, weights, coco_builder, new_layers
+    torch_cache, hash_checks, name, weights, coco_builder, new_layers
 ):
     # On the meta device the models only give the keys and shapes, without initialising.
     with torch.device("meta"):
@@ -284,6 +293,8 @@ def test_coco_start_keeps_all_but_the_last_layers(
         scratch = models.build_model(name, 14).net.state_dict()
     placed = place_weights(torch_cache, weights, coco_net)
     model = models.build_model(name, 14, pretrained="coco")
+    file_name = Path(urlparse(weights.url).path).name
+    assert hash_checks == [(torch_cache / file_name, file_name.rsplit("-", 1)[1].split(".")[0])]
     state = model.net.state_dict()
     # The layers of a model built from scratch, so its checkpoints load as any other.
     assert {key: value.shape for key, value in state.items()} == {
@@ -319,7 +330,7 @@ IMAGENET_STARTS = [
 
 @pytest.mark.parametrize("name, weights, imagenet_builder, prefix, head", IMAGENET_STARTS)
 def test_imagenet_start_loads_the_backbone_only(
-    torch_cache, name, weights, imagenet_builder, prefix, head
+    torch_cache, hash_checks, name, weights, imagenet_builder, prefix, head
 ):
     with torch.device("meta"):
         imagenet_net = imagenet_builder(weights=None)
@@ -410,12 +421,60 @@ class NotATensor:
     """A Python object in a weights file: reading it would run code from the file."""
 
 
-def test_weights_that_hold_python_objects_are_refused(torch_cache):
+class RunsCode:
+    """Unpickling this would create the file `path`: proof that code from the file ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_poisoned_file_in_the_weights_cache_is_refused_unread(torch_cache, tmp_path):
     weights = segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
     torch_cache.mkdir(parents=True)
-    torch.save({"object": NotATensor()}, torch_cache / Path(urlparse(weights.url).path).name)
-    with pytest.raises(models.WeightsError, match="cannot load .*lraspp"):
+    cached = torch_cache / Path(urlparse(weights.url).path).name
+    ran = tmp_path / "code-ran"
+    torch.save({"payload": RunsCode(ran)}, cached)
+    with pytest.raises(models.WeightsError) as error:
         models.build_model("lraspp_mobilenet_v3_large", 14, pretrained="coco")
+    message = str(error.value)
+    assert f"refused to load {cached}" in message and "delete it" in message
+    assert "weights_only" not in message and "\n" not in message
+    assert not ran.exists()
+
+
+class PublishedWeights:
+    """Stands in for a torchvision Weights entry whose file is already in the cache."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get_state_dict(self, **kwargs) -> dict:
+        return torch.hub.load_state_dict_from_url(self.url, **kwargs)
+
+
+def save_under_its_hash(state: dict, folder: Path, stem: str) -> Path:
+    """torch.save `state` to folder/STEM-<first 8 hex digits of its SHA-256>.pth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    draft = folder / "draft"
+    torch.save(state, draft)
+    digest = checkpoints.file_sha256(draft)
+    return draft.rename(folder / f"{stem}-{digest[:8]}.pth")
+
+
+def test_a_cached_file_that_matches_its_hash_loads_with_plain_data_only(torch_cache, tmp_path):
+    state = {"weight": torch.arange(6.0).view(2, 3)}
+    good = save_under_its_hash(state, torch_cache, "tiny")
+    loaded = models.published_state(PublishedWeights(f"https://example.org/m/{good.name}"))
+    assert torch.equal(loaded["weight"], state["weight"])
+    # Even a file whose name carries its own hash is read with weights_only=True.
+    ran = tmp_path / "code-ran"
+    poisoned = save_under_its_hash({"payload": RunsCode(ran)}, torch_cache, "poisoned")
+    with pytest.raises(models.WeightsError, match=f"refused to load {poisoned}") as error:
+        models.published_state(PublishedWeights(f"https://example.org/m/{poisoned.name}"))
+    assert "weights_only" not in str(error.value) and not ran.exists()
 
 
 def test_weights_that_cannot_be_downloaded_say_where_to_put_them(torch_cache, monkeypatch):
