@@ -6,12 +6,13 @@ PNGs needs many cores to keep a GPU busy. This module decodes every frame once, 
 
     CACHE/cache.json             how the cache was made, written last
     CACHE/area_1/images.uint8    (N, 3, S, S) uint8 RGB, frames in the order of cache.json
+                                 ((N, 4, S, S) with --depth: RGB, then depth.py's channel)
     CACHE/area_1/masks.uint8     (N, S, S) uint8 class ids
 
 A cache directory then works as a --datadir of main.py: `open_dataset` finds cache.json and
 returns a CachedDataset, whose samples equal the raw ones at size S.
 
-    python cache.py write --datadir ROOT --out CACHE --size 256 --workers 8
+    python cache.py write --datadir ROOT --out CACHE --size 256 --workers 8 [--depth]
     python cache.py show --datadir CACHE --index 3          (data.py's show and histogram,
     python cache.py histogram --datadir CACHE                on a cache or a raw root)
 """
@@ -34,6 +35,7 @@ from torchvision import tv_tensors
 
 import checkpoints
 import data
+import depth
 from data import DataError
 
 CACHE_MANIFEST = "cache.json"
@@ -92,9 +94,22 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
     return manifest
 
 
-def check_cache_files(cache_root: Path, area: str, num_frames: int, size: int) -> None:
+def cached_inputs(manifest: dict) -> list[str]:
+    """The inputs a cache holds: ["rgb"], or ["rgb", "depth"] (caches before depth: RGB)."""
+    return manifest.get("inputs", ["rgb"])
+
+
+def image_channels(inputs: list[str]) -> int:
+    """Channels of a cached image: 3 for RGB, 4 with depth's uint8 channel."""
+    return 4 if depth.uses_depth(inputs) else 3
+
+
+def check_cache_files(
+    cache_root: Path, area: str, num_frames: int, size: int, channels: int = 3
+) -> None:
     """Raise a DataError unless both arrays of `area` have exactly the expected length."""
-    for file_name, frame_bytes in [(CACHE_IMAGES, 3 * size * size), (CACHE_MASKS, size * size)]:
+    image_bytes = channels * size * size
+    for file_name, frame_bytes in [(CACHE_IMAGES, image_bytes), (CACHE_MASKS, size * size)]:
         path = cache_root / f"area_{area}" / file_name
         expected = num_frames * frame_bytes
         actual = path.stat().st_size if path.is_file() else None
@@ -111,7 +126,9 @@ class CachedDataset(Dataset):
 
     `ds[i]` is `(image (3, S, S) uint8, mask (S, S) uint8)` at the cached size S, equal to
     `data.StanfordDataset(source_root, areas, data.eval_transforms(S))[i]`; `ds.frames[i]`
-    is the Frame of the original PNGs (present or not). Transforms are called as
+    is the Frame of the original PNGs (present or not). With `inputs=["rgb", "depth"]` (a
+    cache written with --depth) the image is a `(4, S, S)` depth.RGBDImage, equal to
+    `depth.DepthDataset`'s. Transforms are called as
     `transforms(tv_tensors.Image, tv_tensors.Mask)`, like StanfordDataset's; here the mask
     holds the `(S, S)` class ids, so training crops and flips start from S x S.
 
@@ -124,9 +141,17 @@ class CachedDataset(Dataset):
         root: str | Path,
         areas: list[str] | None = None,
         transforms: T.Transform | None = None,
+        inputs: list[str] | tuple[str, ...] = ("rgb",),
     ) -> None:
         self.root = Path(root)
         manifest = read_cache_manifest(self.root)
+        if depth.uses_depth(inputs) and not depth.uses_depth(cached_inputs(manifest)):
+            raise DataError(
+                f"the cache {self.root} holds no depth; for --inputs rgb depth "
+                f"{rebuild_hint(manifest, self.root)} --depth"
+            )
+        self.channels = image_channels(cached_inputs(manifest))  # stored per frame
+        self.with_depth = depth.uses_depth(inputs)  # handed out per frame
         self.size: int = manifest["size"]
         self.source_root = Path(manifest["source_root"])
         self.num_frames_per_area = {area: len(names) for area, names in manifest["areas"].items()}
@@ -134,7 +159,7 @@ class CachedDataset(Dataset):
         self.rows: list[tuple[str, int]] = []  # (area, row in its arrays) of each frame
         for area in self.resolve_areas(areas):
             names = manifest["areas"][area]
-            check_cache_files(self.root, area, len(names), self.size)
+            check_cache_files(self.root, area, len(names), self.size, self.channels)
             self.frames += [data.Frame.at(self.source_root, area, name) for name in names]
             self.rows += [(area, row) for row in range(len(names))]
         self.areas = sorted({frame.area for frame in self.frames})
@@ -161,13 +186,14 @@ class CachedDataset(Dataset):
         return state
 
     def arrays(self, area: str) -> tuple[np.ndarray, np.ndarray]:
-        """The read-only maps of `area`: images `(N, 3, S, S)` and masks `(N, S, S)` uint8."""
+        """The read-only maps of `area`: images `(N, C, S, S)` and masks `(N, S, S)` uint8."""
         if self.arrays_pid != os.getpid():  # a forked worker maps the files anew
             self.arrays_by_area, self.arrays_pid = {}, os.getpid()
         if area not in self.arrays_by_area:
             count, size = self.num_frames_per_area[area], self.size
             folder = self.root / f"area_{area}"
-            images = np.memmap(folder / CACHE_IMAGES, np.uint8, "r", shape=(count, 3, size, size))
+            shape = (count, self.channels, size, size)
+            images = np.memmap(folder / CACHE_IMAGES, np.uint8, "r", shape=shape)
             masks = np.memmap(folder / CACHE_MASKS, np.uint8, "r", shape=(count, size, size))
             self.arrays_by_area[area] = (images, masks)
         return self.arrays_by_area[area]
@@ -176,14 +202,18 @@ class CachedDataset(Dataset):
         return len(self.frames)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame `index` as `(image (3, S, S) uint8, mask (S, S) uint8)`, transforms applied."""
+        """Frame `index` as `(image (3, S, S) uint8, mask (S, S) uint8)`, transforms applied
+        (with depth: `(4, S, S)`)."""
         area, row = self.rows[index]
         images, masks = self.arrays(area)
         # np.array copies out of the map: the tensors own writable memory.
-        image = torch.from_numpy(np.array(images[row]))
+        if self.with_depth:
+            image = depth.RGBDImage(torch.from_numpy(np.array(images[row])))
+        else:
+            image = tv_tensors.Image(torch.from_numpy(np.array(images[row, :3])))
         mask = torch.from_numpy(np.array(masks[row]))
         if self.transforms is not None:
-            image, mask = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            image, mask = self.transforms(image, tv_tensors.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
     def label_mask(self, index: int) -> torch.Tensor:
@@ -198,8 +228,10 @@ def open_dataset(
     transforms: T.Transform | None = None,
     skip_bad: bool = False,
     img_size: int | None = None,
+    inputs: list[str] | tuple[str, ...] = ("rgb",),
 ) -> data.StanfordDataset | CachedDataset:
-    """A CachedDataset when `root` holds a cache.json, else a data.StanfordDataset.
+    """A CachedDataset when `root` holds a cache.json, else a data.StanfordDataset (a
+    depth.DepthDataset when `inputs` holds "depth").
 
     `img_size`, when given, is the size the samples will be cropped or resized to; a cache
     of smaller frames is refused rather than silently upsampled. `skip_bad` concerns raw
@@ -207,7 +239,7 @@ def open_dataset(
     """
     root = Path(root)
     if (root / CACHE_MANIFEST).is_file():
-        dataset = CachedDataset(root, areas, transforms)
+        dataset = CachedDataset(root, areas, transforms, inputs)
         if img_size is not None and img_size > dataset.size:
             raise DataError(
                 f"the cache {root} holds {dataset.size}x{dataset.size} frames, smaller than "
@@ -220,6 +252,8 @@ def open_dataset(
             f"{root} is an unfinished cache (it has no {CACHE_MANIFEST}): its `python cache.py "
             "write` run was interrupted; run it again"
         )
+    if depth.uses_depth(inputs):
+        return depth.DepthDataset(root, areas, transforms, skip_bad)
     return data.StanfordDataset(root, areas, transforms, skip_bad)
 
 
@@ -283,22 +317,26 @@ def write_cache(
     workers: int = 0,
     skip_bad: bool = False,
     progress: bool = True,
+    with_depth: bool = False,
 ) -> dict:
     """Decode every frame of `areas` under `root` once, resized to `size` x `size`, into `out`.
 
     Images are resized with antialiased bilinear and masks with nearest neighbour, exactly as
-    `data.eval_transforms(size)`. A broken frame stops the run, or with `skip_bad` is left
-    out and listed in the manifest. Returns the manifest, which is written last.
+    `data.eval_transforms(size)`; `with_depth` adds the depth channel of depth.DepthDataset.
+    A broken frame stops the run, or with `skip_bad` is left out and listed in the manifest.
+    Returns the manifest, which is written last.
     """
     from tqdm import tqdm
 
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     root, out = Path(root).resolve(), Path(out).resolve()
-    source = data.StanfordDataset(root, areas, data.eval_transforms(size))
+    inputs = ["rgb", "depth"] if with_depth else ["rgb"]
+    reader = depth.DepthDataset if with_depth else data.StanfordDataset
+    source = reader(root, areas, data.eval_transforms(size))
     labels_path = root / data.LABELS_FILE
     prepare_cache_dir(out)
-    needed = len(source) * 4 * size * size
+    needed = len(source) * (image_channels(inputs) + 1) * size * size
     free = shutil.disk_usage(out).free
     if needed > free:
         raise DataError(
@@ -340,7 +378,9 @@ def write_cache(
         "labels_sha256": checkpoints.file_sha256(labels_path),
         "num_labels": len(source.label_table) - 1,
         "classes": list(data.CLASSES),
-        "image_array": "(N, 3, size, size) uint8 RGB, antialiased bilinear resize",
+        "inputs": inputs,
+        "image_array": f"(N, {image_channels(inputs)}, size, size) uint8 RGB (antialiased "
+        "bilinear resize), then depth (depth.py's channel, nearest resize) when inputs has it",
         "mask_array": "(N, size, size) uint8 class ids, nearest resize",
         "skipped": skipped,
         "areas": names,
@@ -370,17 +410,20 @@ def int_at_least(minimum: int):
 
 def command_write(args: argparse.Namespace) -> None:
     manifest = write_cache(
-        args.datadir, args.out, args.size, args.areas, args.workers, args.skip_bad
-    )
+        args.datadir, args.out, args.size, args.areas, args.workers, args.skip_bad,
+        with_depth=args.depth,
+    )  # fmt: skip
     num_frames = sum(len(names) for names in manifest["areas"].values())
-    gigabytes = num_frames * 4 * args.size**2 / 1e9
+    gigabytes = num_frames * (image_channels(manifest["inputs"]) + 1) * args.size**2 / 1e9
     print(
         f"wrote {num_frames} frames of areas {', '.join(manifest['areas'])} at "
         f"{args.size}x{args.size} to {args.out} ({gigabytes:.2f} GB)"
     )
     if manifest["skipped"]:
         print(f"left out {len(manifest['skipped'])} unreadable frame(s), listed in cache.json")
-    print(f"train on it with: python main.py train --datadir {args.out} --img-size {args.size}")
+    inputs = " --inputs rgb depth" if args.depth else ""
+    command = f"python main.py train --datadir {args.out} --img-size {args.size}{inputs}"
+    print(f"train on it with: {command}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--workers", type=int_at_least(0), default=0, help="decoding processes")
     write.add_argument(
         "--skip-bad", action="store_true", help="leave unreadable frames out instead of stopping"
+    )
+    write.add_argument(
+        "--depth", action="store_true", help="also store depth (for main.py --inputs rgb depth)"
     )
     for name in ("show", "histogram"):
         commands.add_parser(name, help=f"`python data.py {name}`, on a cache too", add_help=False)

@@ -248,6 +248,28 @@ def make_output_folder(out: Path) -> None:
 # Errors as one line
 
 
+def existing_file(text: str) -> str:
+    """argparse type of a file that must exist (e.g. predict's --depth)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+existing_file.bad_examples = ["/no/such/file.png"]
+
+
+class InputsAction(argparse.Action):
+    """--inputs: words of `choices` (checked by argparse), rgb among them, each once; stored
+    in the order of `choices` (["rgb", "depth"] for `--inputs depth rgb`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if "rgb" not in values or len(set(values)) != len(values):
+            raise argparse.ArgumentError(
+                self, f"expected rgb, or rgb and more, each once, got {' '.join(values)!r}"
+            )
+        setattr(namespace, self.dest, [name for name in self.choices if name in values])
+
+
 def error_message(error: Exception) -> str:
     """The message of `error`. An exception raised in a DataLoader worker reaches the main
     process re-created with the worker's traceback as its message, which ends with

@@ -80,6 +80,14 @@ IGNORE_INDEX = 0
 # The areas as they are named on disk (area_5 was scanned in two parts).
 AREAS: tuple[str, ...] = ("1", "2", "3", "4", "5a", "5b", "6")
 
+# The data set's three folds (Armeni et al., 2017): fold -> (training areas, test areas). No
+# area is on both sides; papers report fold 1 (often as "area 5") or the mean of the three.
+FOLDS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    1: (("1", "2", "3", "4", "6"), ("5a", "5b")),
+    2: (("1", "3", "5a", "5b", "6"), ("2", "4")),
+    3: (("2", "4", "5a", "5b"), ("1", "3", "6")),
+}
+
 # Where the data set is when no --datadir is given.
 DATADIR_VARIABLE = "STANFORD2D3DS_ROOT"
 DEFAULT_DATADIR = "data/stanford2d3ds"
@@ -87,6 +95,7 @@ DEFAULT_DATADIR = "data/stanford2d3ds"
 LABELS_FILE = Path("assets") / "semantic_labels.json"
 RGB_SUFFIX = "_domain_rgb.png"
 SEMANTIC_SUFFIX = "_domain_semantic.png"
+DEPTH_SUFFIX = "_domain_depth.png"  # read by depth.py only
 FRAME_NAME = re.compile(r"^camera_(?P<camera>[0-9a-f]+)_(?P<room>.+)_frame_(?P<frame>\d+)$")
 
 
@@ -167,6 +176,7 @@ class Frame:
     name: str
     rgb_path: Path
     semantic_path: Path
+    depth_path: Path
 
     @classmethod
     def at(cls, root: str | Path, area: str, name: str) -> Frame:
@@ -176,11 +186,13 @@ class Frame:
         room = match["room"] if match else "unknown"
         rgb_path = frame_folder(root, area, "rgb") / f"{name}{RGB_SUFFIX}"
         semantic_path = frame_folder(root, area, "semantic") / f"{name}{SEMANTIC_SUFFIX}"
-        return cls(area, room, name, rgb_path, semantic_path)
+        depth_path = frame_folder(root, area, "depth") / f"{name}{DEPTH_SUFFIX}"
+        return cls(area, room, name, rgb_path, semantic_path, depth_path)
 
 
 def frame_folder(root: str | Path, area: str, domain: str) -> Path:
-    """ROOT/area_X/data/DOMAIN (domain "rgb" or "semantic"): the one place of the layout."""
+    """ROOT/area_X/data/DOMAIN (domain "rgb", "semantic" or "depth"): the one place of the
+    layout."""
     return Path(root) / f"area_{area}" / "data" / domain
 
 

@@ -37,6 +37,7 @@ import cache
 import checkpoints
 import cli
 import data
+import depth
 import devices
 import export
 import losses
@@ -91,6 +92,19 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     return (1.0 - progress) ** 0.9
 
 
+def network_input(images: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
+    """A batch of the loader, on the device, as the network takes it: `(B, 3, H, W)` uint8
+    RGB -> color-jittered (by `jitter`, 0 for none) and normalized float32.
+
+    A model trained with depth gets `(B, 4, H, W)`: the fourth channel is not a color and
+    skips the jitter; depth.py says what the network sees of it.
+    """
+    rgb = data.normalize(data.jitter_colors(images[:, :3], jitter))
+    if images.shape[1] == 3:
+        return rgb
+    return torch.cat([rgb, depth.depth_features(images[:, 3:])], dim=1)
+
+
 def train_one_epoch(
     run: Run,
     train_model: nn.Module,
@@ -112,8 +126,7 @@ def train_one_epoch(
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
-        images = data.jitter_colors(images, options.jitter)
-        images = data.normalize(images).contiguous(memory_format=memory_format)
+        images = network_input(images, options.jitter).contiguous(memory_format=memory_format)
 
         with devices.autocast(device, enabled=options.amp):
             logits = train_model(images)
@@ -193,7 +206,7 @@ def evaluate(
     ):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True).long()  # uint8 in the loader
-        inputs = data.normalize(images).contiguous(memory_format=memory_format)
+        inputs = network_input(images).contiguous(memory_format=memory_format)
         with devices.autocast(device, enabled=amp):
             logits = model(inputs)
         if full_resolution and logits.shape[-2:] != targets.shape[-2:]:
@@ -218,6 +231,7 @@ def train(args: argparse.Namespace) -> int:
             print(f"{args.resume}: the run is finished ({args.epochs} epochs); nothing to do")
             return 0
     args.datadir = args.datadir or data.default_datadir()
+    args.areas = args.areas or list(data.FOLDS[args.fold or 1][0])  # fold 1 by default
     args.workers = 2 if args.workers is None else args.workers
     rank, world_size, local_rank = devices.setup_distributed()
     device = devices.pick_device(args.device, local_rank)
@@ -234,7 +248,9 @@ def train(args: argparse.Namespace) -> int:
         args.datadir, args.areas, args.val_areas, args.img_size, args.batch_size,
         args.workers, args.subset, args.val_fraction, args.seed,
         pin_memory=device.type == "cuda", skip_bad=args.skip_bad,
-        open_dataset=functools.partial(cache.open_dataset, img_size=args.img_size),
+        open_dataset=functools.partial(
+            cache.open_dataset, img_size=args.img_size, inputs=args.inputs
+        ),
     )  # fmt: skip
     train_set, val_set = train_loader.dataset, val_loader.dataset
     data.require_labelled_pixels(train_set.dataset, train_set.indices, "training")
@@ -250,7 +266,8 @@ def train(args: argparse.Namespace) -> int:
         )
 
     # The run: model, loss, optimizer with its learning rate schedule, loss scaler.
-    model_config = models.model_config(args.model, data.NUM_CLASSES, **model_options(args))
+    cin = depth.input_channels(args.inputs)
+    model_config = models.model_config(args.model, data.NUM_CLASSES, **model_options(args), cin=cin)
     model = models.build_model(**model_config).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -422,10 +439,9 @@ def log_validation(writer, results: dict, confusion, model, preview, device, amp
     images, targets = preview
     model.eval()
     with torch.no_grad(), devices.autocast(device, enabled=amp):
-        predictions = model(data.normalize(images.to(device))).argmax(dim=1).cpu()
-    writer.add_image(
-        "val/input_truth_prediction", utils.comparison_grid(images, targets, predictions), step
-    )
+        predictions = model(network_input(images.to(device))).argmax(dim=1).cpu()
+    grid = utils.comparison_grid(images[:, :3], targets, predictions)
+    writer.add_image("val/input_truth_prediction", grid, step)
     figure = metrics.confusion_matrix_figure(confusion.matrix, data.CLASSES)
     writer.add_figure("val/confusion_matrix", figure, step)
     writer.flush()
@@ -451,6 +467,7 @@ def make_checkpoint(
         "model_state": run.model.state_dict(),
         "classes": list(data.CLASSES),
         "img_size": args.img_size,
+        "inputs": list(args.inputs),
         "normalization": {"mean": list(data.MEAN), "std": list(data.STD)},
         "epoch": epoch,
         "step": run.step,
@@ -506,7 +523,8 @@ def test(args: argparse.Namespace) -> int:
     img_size = checkpoint["img_size"]
     transforms = data.eval_transforms(img_size, resize_mask=args.at_train_size)
     # On a cache, "full resolution" is the cached size.
-    dataset = cache.open_dataset(datadir, areas, transforms, img_size=img_size)
+    inputs = checkpoint.get("inputs", ["rgb"])
+    dataset = cache.open_dataset(datadir, areas, transforms, img_size=img_size, inputs=inputs)
     indices = data.subset_indices(len(dataset), args.subset)
     frames = torch.utils.data.Subset(FramesWithIndex(dataset), indices)
     loader = data.make_loader(frames, args.batch_size, False, args.workers, device.type == "cuda")
@@ -516,11 +534,18 @@ def test(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         print(f"testing {args.model} on {len(frames)} frames of areas {', '.join(dataset.areas)}")
 
-    on_batch = None
     if args.save_predictions:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
+    # One confusion matrix per area besides the total: the scores of each area.
+    per_area = {area: metrics.ConfusionMatrix(data.NUM_CLASSES) for area in dataset.areas}
+    area_of_frame = [frame.area for frame in dataset.frames]
 
-        def on_batch(images, targets, predictions, frame_indices):
+    def on_batch(images, targets, predictions, frame_indices):
+        areas_of_batch = [area_of_frame[index] for index in frame_indices.tolist()]
+        for area in dict.fromkeys(areas_of_batch):
+            rows = [i for i, name in enumerate(areas_of_batch) if name == area]
+            per_area[area].update(predictions[rows], targets[rows])
+        if args.save_predictions:
             for prediction, index in zip(predictions.cpu(), frame_indices.tolist(), strict=True):
                 name = dataset.frames[index].name
                 utils.save_class_ids(prediction, out / "predictions" / f"{name}.png")
@@ -529,17 +554,34 @@ def test(args: argparse.Namespace) -> int:
     confusion = evaluate(
         model, loader, device, amp, full_resolution=not args.at_train_size, on_batch=on_batch
     )
+    for area_confusion in per_area.values():
+        area_confusion.all_reduce()
     if not devices.is_main_process():
         return 0
     results = confusion.compute()
+    area_results = {
+        area: area_confusion.compute()
+        for area, area_confusion in per_area.items()
+        if area_confusion.matrix is not None
+    }
     print(metrics.format_report(results, data.CLASSES))
-    print(f"mIoU: {results['miou']:.4f}")
+    if len(area_results) > 1:
+        tested = [area_of_frame[index] for index in indices]
+        for area, scores in area_results.items():
+            print(
+                f"area {area}: mIoU {scores['miou']:.4f}, pixel accuracy "
+                f"{scores['pixel_accuracy']:.4f} ({tested.count(area)} frames)"
+            )
+        print(f"mIoU: {results['miou']:.4f} (areas {', '.join(dataset.areas)} together)")
+    else:
+        print(f"mIoU: {results['miou']:.4f}")
     summary = {
         "model": str(args.model),
         "datadir": str(datadir),
         "areas": dataset.areas,
         "frames": len(frames),
         "full_resolution": not args.at_train_size,
+        "per_area": area_results,
         **results,
         "confusion_matrix": confusion.matrix.tolist(),
     }
@@ -580,14 +622,23 @@ def collate_same_size(samples: list[tuple]) -> tuple:
 
 
 def default_test_areas(root: str, checkpoint: dict) -> list[str]:
-    """The areas under `root` that the model was not trained on."""
+    """The test areas of the model's fold, less those it was validated on; without a fold,
+    the areas under `root` that the model was not trained on."""
+    run_args = checkpoint["args"]
+    fold = run_args.get("fold")
+    if fold is not None:
+        validated = {
+            a for area in run_args.get("val_areas") or [] for a in data.normalize_area(area)
+        }
+        areas = [area for area in data.FOLDS[fold][1] if area not in validated]
+        if not areas:
+            raise data.DataError(f"fold {fold}'s test areas were all validated on: pass --areas")
+        return areas
     if not Path(root).is_dir():
         raise data.DataError(data.missing_datadir_message(root))
     if not data.areas_on_disk(root):
         raise data.DataError(f"no area_* folder under {root}: is this a 2D-3D-S root or cache?")
-    trained = {
-        a for area in checkpoint["args"].get("areas") or [] for a in data.normalize_area(area)
-    }
+    trained = {a for area in run_args.get("areas") or [] for a in data.normalize_area(area)}
     held_out = [area for area in data.areas_on_disk(root) if area not in trained]
     if not held_out:
         raise data.DataError(f"every area under {root} was used for training: pass --areas")
@@ -707,39 +758,64 @@ def save_prediction(image: torch.Tensor, prediction: torch.Tensor, out: Path, st
     figure.savefig(out / f"{stem}{legend_suffix}", dpi=100)
 
 
-def load_segmenter(model: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_segmenter(
+    model: str, device: torch.device
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[str]]:
     """`segment(image (3, H, W) uint8) -> class ids (H, W) int64` for a checkpoint, or for
-    an ONNX file run with onnxruntime; `model` is a path or a URL."""
+    an ONNX file run with onnxruntime; `model` is a path or a URL. Also returns the model's
+    inputs: a model trained with depth takes `(4, H, W)` (see depth.py)."""
     model_file = checkpoints.local_model_file(model)
     if model_file.suffix == ".onnx":
         session = export.onnx_session(model_file)
         export.read_onnx_metadata(session)  # refuses a file made for other classes
-        return functools.partial(segment_with_onnxruntime, session)
+        return functools.partial(segment_with_onnxruntime, session), ["rgb"]
     checkpoint = checkpoints.load_checkpoint(model_file)
     network = checkpoints.model_from_checkpoint(checkpoint, model_file).to(device).eval()
-    segmenter = models.Segmenter(network, checkpoint["img_size"])
-    return functools.partial(predict_image, segmenter, device=device)
+    inputs = checkpoint.get("inputs", ["rgb"])
+    segmenter_class = depth.RGBDSegmenter if depth.uses_depth(inputs) else models.Segmenter
+    segmenter = segmenter_class(network, checkpoint["img_size"])
+    return functools.partial(predict_image, segmenter, device=device), inputs
 
 
 def predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     paths = expand_inputs(args.images)
     stems = cli.output_stems(paths, out, PREDICTION_SUFFIXES)  # before anything is written
-    segment = load_segmenter(args.model, devices.pick_device(args.device))
+    segment, inputs = load_segmenter(args.model, devices.pick_device(args.device))
+    depth_files = depth_files_of(paths, args.depth, depth.uses_depth(inputs), args.model)
     cli.make_output_folder(out)
     failures = 0
-    for path, stem in zip(paths, stems, strict=True):
+    for path, stem, depth_file in zip(paths, stems, depth_files, strict=True):
         try:
             image = read_image(path)
-        except ValueError as error:
+            if depth.uses_depth(inputs):
+                image = depth.attach_depth(image, path, depth_file)
+        except (ValueError, data.DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
-        save_prediction(image, segment(image), out, stem)
+        save_prediction(image[:3], segment(image), out, stem)
         print(f"{path} -> {out / stem}_mask.png, _overlay.png, _legend.png")
     if failures:
         print(f"{failures} input(s) could not be read", file=sys.stderr)
     return 1 if failures else 0
+
+
+def depth_files_of(
+    paths: list[Path], given: list[str] | None, needs_depth: bool, model: str
+) -> list[Path | None]:
+    """The depth file of each image for `predict`: `--depth` in order, else found by name in
+    a 2D-3D-S tree (None where there is none); all None for an RGB model."""
+    if given is not None and not needs_depth:
+        raise devices.UsageError(f"--depth: {model} reads RGB only; leave --depth out")
+    if given is None:
+        return [depth.depth_file_in_tree(path) if needs_depth else None for path in paths]
+    if len(given) != len(paths):
+        raise devices.UsageError(
+            f"--depth names {len(given)} file(s) for {len(paths)} image(s): give one per image, "
+            "in the same order"
+        )
+    return [Path(file) for file in given]
 
 
 def export_model(args: argparse.Namespace) -> int:
@@ -751,6 +827,11 @@ def export_model(args: argparse.Namespace) -> int:
         raise devices.UsageError(f"--out {out}: the folder {out.parent} does not exist")
     model_file = checkpoints.local_model_file(args.model)
     checkpoint = checkpoints.load_checkpoint(model_file)
+    if depth.uses_depth(checkpoint.get("inputs", ["rgb"])):
+        raise devices.UsageError(
+            f"{args.model} was trained with depth; export writes RGB models only (run it "
+            "with `main.py predict`)"
+        )
     network = checkpoints.model_from_checkpoint(checkpoint, model_file)
     segmenter = models.Segmenter(network, checkpoint["img_size"])
     if out.suffix == ".onnx":
@@ -785,7 +866,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"2D-3D-S root or cache folder (default: {environment}, else the resumed run's, "
         f"else {data.DEFAULT_DATADIR})",
     )
-    add("--areas", nargs="+", default=["1", "2", "3", "4", "6"], help="training areas")
+    areas_or_fold = train_parser.add_mutually_exclusive_group()
+    areas_or_fold.add_argument(
+        "--areas", nargs="+", default=None, help="training areas (default: fold 1's, 1 2 3 4 6)"
+    )
+    areas_or_fold.add_argument(
+        "--fold",
+        type=int,
+        choices=sorted(data.FOLDS),
+        default=None,
+        help="the data set's fold: train on its training areas; test defaults to its test areas",
+    )
     add(
         "--val-areas",
         nargs="+",
@@ -799,6 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of rooms held out (no --val-areas)",
     )
     add("--model", default="unet", choices=models.available_models(), help="architecture")
+    add(
+        "--inputs",
+        nargs="+",
+        choices=depth.INPUTS,
+        action=cli.InputsAction,
+        default=["rgb"],
+        help="what the model sees: rgb, or rgb depth (the data set's depth images, see depth.py)",
+    )
     add(
         "--num-blocks",
         type=cli.int_range(1, cli.MAX_UNET_BLOCKS),
@@ -947,6 +1046,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = predict_parser.add_argument
     add("images", nargs="+", help="image files or folders (PNG, JPEG, any size)")
     add("--model", required=True, help="checkpoint (.pt) or ONNX file (.onnx), path or URL")
+    add(
+        "--depth",
+        nargs="+",
+        type=cli.existing_file,
+        default=None,
+        metavar="FILE",
+        help="models trained with depth: the depth PNG of each image, in the same order "
+        "(default: found by name in a 2D-3D-S tree)",
+    )
     add("--out", default="predictions", help="output folder")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
 

@@ -32,16 +32,16 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
   session too short for all of them.
 
 The bundle holds the six scripts, the machinery they import (cache.py, check.py,
-checkpoints.py, cli.py, devices.py, export.py), LAB.md, README.md, the setup files (requirements,
-constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore), synthetic.py,
-bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml and the
-self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it, and its
-`bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide TEACHER.md
-(in the solution bundle only), figures.py and this script are left out, and so are the lines
-of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a line
-``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the files of
-the bundle are replaced and everything else in DIR (a student's data/ or runs/, say) is left
-alone. DIR must lie outside this folder. Two runs write identical trees.
+checkpoints.py, cli.py, depth.py, devices.py, export.py), LAB.md, README.md, the setup files
+(requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
+synthetic.py, bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml
+and the self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it,
+and its `bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide
+TEACHER.md (in the solution bundle only), figures.py and this script are left out, and so are
+the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
+line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the
+files of the bundle are replaced and everything else in DIR (a student's data/ or runs/, say)
+is left alone. DIR must lie outside this folder. Two runs write identical trees.
 
 ``--time`` writes a bundle with every answer given to a temporary folder, runs there every
 command of the core of the lab as a student would, one after the other, and prints the wall
@@ -79,6 +79,7 @@ COPIED_FILES: tuple[str, ...] = (
     "check.py",
     "checkpoints.py",
     "cli.py",
+    "depth.py",
     "devices.py",
     "export.py",
     "LAB.md",

@@ -232,14 +232,15 @@ class TorchvisionSegmentation(nn.Module):
 
     size_multiple = 32  # the largest stride of their backbones: sides that divide evenly
 
-    def __init__(self, net: nn.Module, min_train_batch: int = 1) -> None:
+    def __init__(self, net: nn.Module, min_train_batch: int = 1, cin: int = 3) -> None:
         super().__init__()
         self.net = net
         self.min_train_batch = min_train_batch
+        self.cin = cin
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float -> logits (B, num_classes, H, W) float."""
-        check_images(images, 3)
+        """(B, cin, H, W) float -> logits (B, num_classes, H, W) float."""
+        check_images(images, self.cin)
         if self.training and images.shape[0] < self.min_train_batch:
             raise ValueError(
                 f"this model needs a batch of at least {self.min_train_batch} images in training "
@@ -296,6 +297,31 @@ def new_last_conv(old: nn.Conv2d, num_classes: int) -> nn.Conv2d:
     )
 
 
+def widen_first_conv(conv: nn.Conv2d, cin: int) -> nn.Conv2d:
+    """A copy of the RGB conv `conv` taking `cin` >= 3 input channels (e.g. RGB and depth):
+    its RGB filters are kept, and the filter of every extra channel starts as their mean, so
+    that pretrained weights see a new channel as they would see a gray picture."""
+    wide = nn.Conv2d(
+        cin,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        mean_filter = conv.weight.mean(dim=1, keepdim=True)
+        extra = cin - conv.in_channels
+        wide.weight.copy_(torch.cat([conv.weight, mean_filter.expand(-1, extra, -1, -1)], dim=1))
+        if conv.bias is not None:
+            wide.bias.copy_(conv.bias)
+    return wide
+
+
 class WeightsError(Exception):
     """Published weights that cannot be downloaded or read; the message says what to do."""
 
@@ -343,7 +369,7 @@ def check_published_file(path: Path, prefix: str) -> None:
         )
 
 
-def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none") -> nn.Module:
+def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none", cin: int = 3) -> nn.Module:
     """DeepLabV3 with a dilated ResNet-50 backbone (about 39.6 M parameters).
 
     pretrained chooses the starting weights, downloaded once into torch's cache:
@@ -355,7 +381,8 @@ def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none") -> nn.M
       conv `classifier.4` new and random for our classes, the auxiliary head dropped.
 
     The parameter count is the same for every value. Pretrained weights expect images
-    normalized with the ImageNet mean and std.
+    normalized with the ImageNet mean and std. `cin` > 3 widens the first conv for extra
+    input channels (see widen_first_conv).
     """
     check_pretrained(pretrained)
     coco = pretrained == "coco"
@@ -374,10 +401,14 @@ def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none") -> nn.M
         state = published_state(ResNet50_Weights.IMAGENET1K_V1)
         # The backbone is the ResNet without its classifier (`fc`), under the same names.
         net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
-    return TorchvisionSegmentation(net, min_train_batch=2)
+    if cin != 3:
+        net.backbone.conv1 = widen_first_conv(net.backbone.conv1, cin)
+    return TorchvisionSegmentation(net, min_train_batch=2, cin=cin)
 
 
-def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: str = "none") -> nn.Module:
+def build_lraspp_mobilenet_v3_large(
+    num_classes: int, pretrained: str = "none", cin: int = 3
+) -> nn.Module:
     """LR-ASPP with a MobileNetV3-Large backbone: small and fast (about 3.2 M parameters).
 
     pretrained chooses the starting weights, downloaded once into torch's cache:
@@ -389,7 +420,8 @@ def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: str = "none") 
       (`classifier.low_classifier`, `classifier.high_classifier`) new and random.
 
     The parameter count is the same for every value. Pretrained weights expect images
-    normalized with the ImageNet mean and std.
+    normalized with the ImageNet mean and std. `cin` > 3 widens the first conv for extra
+    input channels (see widen_first_conv).
     """
     check_pretrained(pretrained)
     coco = pretrained == "coco"
@@ -410,7 +442,10 @@ def build_lraspp_mobilenet_v3_large(num_classes: int, pretrained: str = "none") 
             k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
         }
         net.backbone.load_state_dict(features)
-    return TorchvisionSegmentation(net)
+    if cin != 3:
+        first = net.backbone["0"]  # Conv2dNormActivation: conv, BatchNorm, Hardswish
+        first[0] = widen_first_conv(first[0], cin)
+    return TorchvisionSegmentation(net, cin=cin)
 
 
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -491,13 +526,17 @@ class Segmenter(nn.Module):
         self.img_size = img_size
         self.multiple = model.size_multiple
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        height, width = images.shape[-2:]
+    def network_size(self, height, width) -> tuple:
+        """(height, width) at which the model sees a picture of `height` x `width` pixels."""
         cells_per_pixel = self.img_size / (height * width) ** 0.5 / self.multiple
-        size = (  # rounded to the nearest number of cells: int() of x + 0.5
+        return (  # rounded to the nearest number of cells: int() of x + 0.5
             self.multiple * torch.sym_max(2, torch.sym_int(height * cells_per_pixel + 0.5)),
             self.multiple * torch.sym_max(2, torch.sym_int(width * cells_per_pixel + 0.5)),
         )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        size = self.network_size(height, width)
         inputs = F.interpolate(data.normalize(images), size=size, mode="bilinear", antialias=True)
         logits = self.model(inputs)
         return F.interpolate(logits.float(), size=(height, width), mode="bilinear")

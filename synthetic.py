@@ -12,6 +12,10 @@ from a few places, several frames per room as in the real data. Every object get
 color and its own texture, and lighting and noise change per frame, so color alone does not
 give the class away: a model has to learn shape and context. A few patches of the semantic
 images are #0D0D0D ("no data"), as in the real scans.
+
+Each frame also gets its depth (area_N/data/depth/..._domain_depth.png) from the same geometry,
+in the real format: 16-bit, 1/512 m, z-depth along the camera's axis, 65535 where a scanner
+has no reading: on window glass, beyond MAX_RANGE and in the "no data" patches.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ NO_DATA_COLOR = (13, 13, 13)  # #0D0D0D, index 855,309: past the end of the labe
 # Written beside the label list: the root was made here, and may be written into again.
 MARKER_FILE = Path("assets") / "made_by_synthetic.txt"
 NEAR_PLANE = 0.05  # meters in front of the camera; closer geometry is clipped
+DEPTH_UNITS_PER_METER = 512  # the real depth PNGs count 1/512 m
+NO_DEPTH = 65535  # their value where there is no reading
+MAX_RANGE = 6.5  # meters; farther surfaces have no depth reading, as in the real scans
 
 
 @dataclass
@@ -394,13 +401,9 @@ def texture_value(
         inside = (s > border) & (s < width - border) & (t > border) & (t < height - border)
         weight = np.where(inside, 0.0, 1.0)
     elif face.texture == "window":
-        border = face.spacing
-        mullion = (np.abs(s - width / 2) < border / 2) | (np.abs(t - height / 2) < border / 2)
-        edge = (s < border) | (s > width - border) | (t < border) | (t > height - border)
         sky = np.clip(0.9 + 0.1 * t / max(height, 1e-6), 0, 1)
-        colors = np.where(
-            (mullion | edge)[:, None], second, sky[:, None] * np.array([0.85, 0.92, 1.0])
-        )
+        pane = window_glass(face, s, t, width, height)
+        colors = np.where(pane[:, None], sky[:, None] * np.array([0.85, 0.92, 1.0]), second)
         return colors
     elif face.texture == "shelves":
         shelf = (t % 0.38) < 0.03
@@ -417,6 +420,24 @@ def texture_value(
     return (1 - weight)[:, None] * base + weight[:, None] * second
 
 
+def window_glass(
+    face: Face, s: np.ndarray, t: np.ndarray, width: float, height: float
+) -> np.ndarray:
+    """Which of N points of a window face are glass, not its frame or mullions: `(N,)` bool."""
+    border = face.spacing
+    mullion = (np.abs(s - width / 2) < border / 2) | (np.abs(t - height / 2) < border / 2)
+    edge = (s < border) | (s > width - border) | (t < border) | (t > height - border)
+    return ~(mullion | edge)
+
+
+def depth_png_values(z_depth: np.ndarray, no_reading: np.ndarray) -> np.ndarray:
+    """z-depth in meters `(H, W)` float -> the values of a real depth PNG, `(H, W)` uint16:
+    1/512 m, NO_DEPTH where `no_reading` (bool) or beyond MAX_RANGE."""
+    values = np.clip(np.round(z_depth * DEPTH_UNITS_PER_METER), 0, NO_DEPTH - 1)
+    missing = no_reading | (z_depth > MAX_RANGE)
+    return np.where(missing, NO_DEPTH, values).astype(np.uint16)
+
+
 def render(
     room: Room,
     label_index: dict[str, int],
@@ -426,7 +447,8 @@ def render(
     size: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one frame: `(size, size, 3)` uint8 RGB and `(size, size, 3)` uint8 semantic colors."""
+    """Render one frame: `(size, size, 3)` uint8 RGB, `(size, size, 3)` uint8 semantic colors
+    and `(size, size)` uint16 depth in the real format (see depth_png_values)."""
     world_to_camera = rotation(yaw, pitch)
     focal = size / 2 / math.tan(math.radians(rng.uniform(55, 75)) / 2)
 
@@ -461,6 +483,9 @@ def render(
         @ world_to_camera
     )  # camera -> world
     image = np.zeros((size, size, 3))
+    # z-depth: a ray is (u, v, 1) in camera coordinates, so its length parameter is the depth.
+    z_depth = np.zeros((size, size))
+    glass = np.zeros((size, size), dtype=bool)
     light = np.array([rng.uniform(-0.5, 0.5), 1.0, rng.uniform(-0.5, 0.5)])
     light /= np.linalg.norm(light)
     for number in np.unique(ids):
@@ -478,6 +503,9 @@ def render(
         depth = np.dot(origin - camera, face.normal) / np.clip(ray @ face.normal, -1e9, -1e-9)
         points = camera + depth[:, None] * ray - origin
         s, t = points @ (edge_s / width), points @ (edge_t / height)
+        z_depth[where] = depth
+        if face.texture == "window":  # a scanner sees through glass, or not at all
+            glass[where] = window_glass(face, s, t, width, height)
         colors = texture_value(face, s, t, width, height, rng)
         shade = 0.6 + 0.4 * max(0.0, float(np.dot(face.normal, light))) + 0.15 * face.normal[2]
         falloff = 1.0 / (1.0 + 0.01 * depth**2)
@@ -490,12 +518,14 @@ def render(
     labels = np.array([0] + [label_index[face.label] for face in faces], dtype=np.int64)[ids]
     semantic = np.stack([(labels >> 16) & 255, (labels >> 8) & 255, labels & 255], axis=-1)
     semantic = semantic.astype(np.uint8)
-    for _ in range(rng.integers(0, 4)):  # holes in the scan: no label
+    no_reading = glass | (ids == 0)
+    for _ in range(rng.integers(0, 4)):  # holes in the scan: no label, no depth
         cy, cx = rng.uniform(0, size, 2)
         ry, rx = rng.uniform(0.02, 0.08, 2) * size
         hole = ((v_grid - cy) / ry) ** 2 + ((u_grid - cx) / rx) ** 2 < 1
         semantic[hole] = NO_DATA_COLOR
-    return rgb, semantic
+        no_reading |= hole
+    return rgb, semantic, depth_png_values(z_depth, no_reading)
 
 
 def camera_views(room: Room, num_frames: int, rng: np.random.Generator):
@@ -567,13 +597,14 @@ def generate(
     bar = tqdm(total=total, desc="synthetic frames", disable=not progress)
     for area, room, views, rng in layouts:
         for index, (camera_id, camera, yaw, pitch) in enumerate(views):
-            rgb, semantic = render(room, label_index, camera, yaw, pitch, size, rng)
+            rgb, semantic, depth = render(room, label_index, camera, yaw, pitch, size, rng)
             name = f"camera_{camera_id}_{room.room_type}_{room.room_num}_frame_{index}"
             frame = Frame.at(out, area, name)
-            frame.rgb_path.parent.mkdir(parents=True, exist_ok=True)
-            frame.semantic_path.parent.mkdir(parents=True, exist_ok=True)
+            for path in (frame.rgb_path, frame.semantic_path, frame.depth_path):
+                path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(frame.rgb_path)
             Image.fromarray(semantic).save(frame.semantic_path)
+            Image.fromarray(depth).save(frame.depth_path)  # uint16: a 16-bit grayscale PNG
             bar.update()
     bar.close()
 
