@@ -767,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)

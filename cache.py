@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("show", "histogram"):

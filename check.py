@@ -101,6 +101,7 @@ def find_problems(
     return len(frames), problems
 
 
+@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_data_arguments(parser)

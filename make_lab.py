@@ -2,7 +2,9 @@
 
     python make_lab.py --out ../segmentation-lab-student            # stubs in place of answers
     python make_lab.py --out ../segmentation-lab-solution --solution  # the answers, markers removed
+    python make_lab.py --out ../student --give Q4 Q9                # Q4 and Q9 given solved
     python make_lab.py --list                                         # the marked regions
+    python make_lab.py --time                                         # time the core commands
 
 The teacher edits only the solution (this folder); the student version is generated, never
 edited by hand. The lab's six scripts mark their exercises with two comment lines:
@@ -26,20 +28,31 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
   raise at import). A broken marker stops the run with ``FILE:LINE: what is wrong``.
 - Marker lines never reach the output: ``--solution`` writes the solution without them.
 
+- ``--give Q4 Q9`` keeps the answers of the questions named (their markers removed), for a
+  session too short for all of them.
+
 The bundle holds the six scripts, the machinery they import (cache.py, check.py,
 checkpoints.py, cli.py, depth.py, devices.py, export.py), LAB.md, README.md, the setup files
 (requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
-synthetic.py, bench.py, docs/, pyproject.toml and the self-checks (tests/conftest.py,
-tests/test_lab.py): the README's commands work in it, and its `bash test.sh` runs the linter
-and every self-check. The teacher-side tests and this script are left out. ``--out DIR`` may exist:
-the files of the bundle are replaced and everything else in DIR (a student's data/ or
-runs/, say) is left alone. DIR must lie outside this folder. Two runs write identical trees.
+synthetic.py, bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml
+and the self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it,
+and its `bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide
+TEACHER.md (in the solution bundle only), figures.py and this script are left out, and so are
+the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
+line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the
+files of the bundle are replaced and everything else in DIR (a student's data/ or runs/, say)
+is left alone. DIR must lie outside this folder. Two runs write identical trees.
+
+``--time`` writes a bundle with every answer given to a temporary folder, runs there every
+command of the core of the lab as a student would, one after the other, and prints the wall
+time of each: the numbers of LAB.md's time plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import re
 import sys
@@ -57,6 +70,8 @@ SOLUTION_FILES: tuple[str, ...] = (
     "main.py",
     "utils.py",
 )
+# The figures of LAB.md, docs/lab/NAME.png, written by `python figures.py`.
+LAB_FIGURES: tuple[str, ...] = ("sample", "unet", "curves", "predictions", "confusion")
 # Files copied as they are; a marker in one of them is an error. The machinery modules come
 # first: the lab's scripts import them, the handout never sends a student into them.
 COPIED_FILES: tuple[str, ...] = (
@@ -82,17 +97,24 @@ COPIED_FILES: tuple[str, ...] = (
     "slurm/several_nodes.sbatch",
     ".gitignore",
     "bench.py",
+    "progress.py",
     "docs/benchmark.md",
     "docs/demo.png",
+    *(f"docs/lab/{name}.png" for name in LAB_FIGURES),
     "synthetic.py",
     "pyproject.toml",
     "tests/conftest.py",
     "tests/test_lab.py",
 )
 # Copied as bytes, never searched for markers.
-BINARY_FILES: frozenset[str] = frozenset({"docs/demo.png"})
+BINARY_FILES: frozenset[str] = frozenset(name for name in COPIED_FILES if name.endswith(".png"))
 # Copied when present: the bundle is still complete without them.
 OPTIONAL_FILES: frozenset[str] = frozenset({"README.md"})
+# The teacher's guide: in the solution bundle, never in the students'.
+TEACHER_FILES: tuple[str, ...] = ("TEACHER.md",)
+# Lines of README.md for the teacher only (see the top of this file).
+TEACHER_LINE = "<!-- teacher -->"
+TEACHER_BLOCK_END = "<!-- /teacher -->"
 
 OPEN_MARKER = re.compile(
     r"^(?P<indent>[ \t]*)# >>> Q(?P<number>[1-9][0-9]*)(?P<optional> \(optional\))?: "
@@ -207,13 +229,19 @@ def find_regions(text: str, path: str) -> list[Region]:
     return regions
 
 
-def student_version(text: str, path: str) -> str:
-    """`text` with every marked region replaced by its stub; checked to still parse."""
+def student_version(text: str, path: str, give: frozenset[int] = frozenset()) -> str:
+    """`text` with every marked region replaced by its stub, except those of the questions
+    in `give`, which keep their answer without the markers; checked to still parse."""
     lines = text.splitlines(keepends=True)
     # source_lines[i]: the line of `text` that output line i + 1 comes from (a stub: its
     # opening marker), so that a syntax error is reported where the teacher can fix it.
     source_lines = list(range(1, len(lines) + 1))
     for region in reversed(find_regions(text, path)):
+        if region.question in give:
+            answer = slice(region.open_line, region.close_line - 1)
+            lines[region.open_line - 1 : region.close_line] = lines[answer]
+            source_lines[region.open_line - 1 : region.close_line] = source_lines[answer]
+            continue
         stub = region.stub().splitlines(keepends=True)
         lines[region.open_line - 1 : region.close_line] = stub
         source_lines[region.open_line - 1 : region.close_line] = [region.open_line] * len(stub)
@@ -248,13 +276,38 @@ def check_no_markers(text: str, path: str) -> None:
             )
 
 
-def build_bundle(source: Path, solution: bool = False) -> dict[str, tuple[bytes, int]]:
+def without_teacher_lines(text: str, path: str) -> str:
+    """`text` without its lines for the teacher: each line holding TEACHER_LINE, and
+    each block from a line TEACHER_LINE to a line TEACHER_BLOCK_END, both included."""
+    kept: list[str] = []
+    block_start = 0
+    for line_number, line in enumerate(text.splitlines(keepends=True), start=1):
+        stripped = line.strip()
+        if block_start:
+            if stripped == TEACHER_BLOCK_END:
+                block_start = 0
+        elif stripped == TEACHER_LINE:
+            block_start = line_number
+        elif stripped == TEACHER_BLOCK_END:
+            raise MarkerError(f"{path}:{line_number}: {TEACHER_BLOCK_END} closes no block")
+        elif TEACHER_LINE not in line:
+            kept.append(line)
+    if block_start:
+        raise MarkerError(f"{path}:{block_start}: {TEACHER_LINE} is never closed")
+    return "".join(kept)
+
+
+def build_bundle(
+    source: Path, solution: bool = False, give: frozenset[int] = frozenset()
+) -> dict[str, tuple[bytes, int]]:
     """Every file of the bundle as ``{relative path: (content, mode)}``, in a fixed order.
 
-    solution: keep the answers (markers removed) instead of stubbing them.
+    solution: keep the answers (markers removed) instead of stubbing them, and add the
+    teacher's guide. give: the questions whose answers the student version keeps.
     """
     bundle: dict[str, tuple[bytes, int]] = {}
-    for name in SOLUTION_FILES + COPIED_FILES:
+    names = SOLUTION_FILES + COPIED_FILES + (TEACHER_FILES if solution else ())
+    for name in names:
         path = source / name
         if not path.is_file():
             if name in OPTIONAL_FILES:
@@ -263,10 +316,15 @@ def build_bundle(source: Path, solution: bool = False) -> dict[str, tuple[bytes,
         content = path.read_bytes()
         if name in SOLUTION_FILES:
             text = path.read_text()
-            text = solution_version(text, name) if solution else student_version(text, name)
+            answers = (
+                solution_version if solution else functools.partial(student_version, give=give)
+            )
+            text = answers(text, name)
             content = text.encode()
         elif name not in BINARY_FILES:
             check_no_markers(content.decode(), name)
+            if name == "README.md" and not solution:
+                content = without_teacher_lines(content.decode(), name).encode()
         # Only the executable bit is kept, so that the modes do not depend on the umask.
         mode = 0o755 if path.stat().st_mode & 0o100 else 0o644
         bundle[name] = (content, mode)
@@ -302,6 +360,21 @@ def write_bundle(bundle: dict[str, tuple[bytes, int]], out: Path) -> None:
         path.chmod(mode)
 
 
+def question_numbers(names: list[str], regions: list[Region]) -> frozenset[int]:
+    """ "Q4", "q4" or "4" -> 4, for questions that have an answer to give; MarkerError else."""
+    answered = sorted({region.question for region in regions})
+    numbers = set()
+    for name in names:
+        match = re.fullmatch(r"[Qq]?([1-9][0-9]*)", name.strip())
+        if not match or int(match[1]) not in answered:
+            raise MarkerError(
+                f"--give {name}: not a question with code to give; those are "
+                f"{' '.join(f'Q{n}' for n in answered)}"
+            )
+        numbers.add(int(match[1]))
+    return frozenset(numbers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write the student (or solution) bundle of the lab from this solution.",
@@ -311,14 +384,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--solution", action="store_true", help="keep the answers, drop only the marker lines"
     )
+    parser.add_argument(
+        "--give",
+        nargs="+",
+        default=[],
+        metavar="QN",
+        help="questions whose answers the student bundle keeps, e.g. --give Q4 Q9",
+    )
     parser.add_argument("--list", action="store_true", help="print the marked regions and exit")
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="time every core command of the lab in a bundle with all answers given, and exit",
+    )
     parser.add_argument(
         "--source", default=str(PROJECT_ROOT), help="the solution folder (default: this one)"
     )
     args = parser.parse_args(argv)
     source = Path(args.source)
-    if not args.list and not args.out:
-        parser.error("--out DIR is required (or --list)")
+    if not (args.list or args.time) and not args.out:
+        parser.error("--out DIR is required (or --list, or --time)")
+    if args.solution and args.give:
+        parser.error("--give is for the student bundle; --solution already keeps every answer")
     try:
         if args.list:
             for region in all_regions(source):
@@ -326,18 +413,24 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"{region.path}:{region.open_line}"
                 print(f"Q{region.question:<3} {where:<16} {kind:<8} {region.task}")
             return 0
+        if args.time:
+            import lab_timing
+
+            return lab_timing.main(source)
+        give = question_numbers(args.give, all_regions(source))
         out = Path(args.out)
         check_out_dir(out, source)
-        bundle = build_bundle(source, args.solution)
+        bundle = build_bundle(source, args.solution, give)
     except MarkerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     write_bundle(bundle, out)
     questions = sorted({region.question for region in all_regions(source)})
     kind = "solution" if args.solution else "student"
+    given = f" ({', '.join(f'Q{n}' for n in sorted(give))} given solved)" if give else ""
     print(
         f"wrote the {kind} bundle to {out}: {len(bundle)} files, questions "
-        f"{', '.join(f'Q{n}' for n in questions)}"
+        f"{', '.join(f'Q{n}' for n in questions)}{given}"
     )
     if "README.md" not in bundle:
         print("note: the project has no README.md, so neither has the bundle")

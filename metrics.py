@@ -32,8 +32,7 @@ Libraries differ here. torchmetrics (``MulticlassJaccardIndex`` etc. with ``aver
 gives 0, its ``zero_division``, wherever we give NaN, the ignore class included. Its macro IoU
 leaves out the same classes as our mIoU, but its macro F1 and accuracy average over every class
 with TP + FP + FN > 0: the ignore class counts as 0 when it is predicted on labelled pixels,
-and for accuracy so does a class that is only predicted. Counting an absent class as 0 in a
-mean would lower the mIoU of a split without sofa by 1/13 of its value.
+and for accuracy so does a class that is only predicted.
 
 The losses that train a model for these scores are in ``losses.py``.
 """

@@ -13,12 +13,9 @@ The UNet (Ronneberger et al., 2015) is an encoder-decoder with skip connections:
 
 The layers are Conv - ReLU - BatchNorm, in this order, as in the handout.
 
-Input size: every max-pool halves the size, rounding down, and every up block doubles it. The
-concatenation needs the upsampled map to have exactly the size of the encoder's map, which holds
-at every level only when H and W are multiples of 2**num_blocks (e.g. 16 for 4 blocks: a height
-of 250 would pool to 125, then 62, and upsample back to 124, not 125). ``UNet`` therefore pads the
-image at the bottom and right up to the next multiple and crops the logits back, so it takes any
-H, W.
+Input size: every max-pool halves the size, rounding down, and every up block doubles it, and
+the concatenation needs the upsampled map to have exactly the size of the encoder's map (LAB.md,
+"Input size", and Q9). ``Segmenter`` resizes pictures to sides that suit the model.
 
 Beyond the UNet, ``build_model`` also builds torchvision's DeepLabV3-ResNet50 and
 LRASPP-MobileNetV3-Large with a new last layer for our class count, optionally starting from
@@ -185,7 +182,7 @@ class UNetDecoder(nn.Module):
 
 
 class UNet(nn.Module):
-    """The handout's UNet for images of any size (padded to a multiple of 2**num_blocks)."""
+    """The handout's UNet: encoder, decoder, logits at the size of the input (LAB.md, Q9)."""
 
     def __init__(
         self, num_classes: int, num_blocks: int = 4, cin: int = 3, base_chan: int = 64
@@ -567,6 +564,7 @@ def summarize(model: nn.Module, images: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
+@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the summary of one model."""
     parser = argparse.ArgumentParser(
@@ -596,4 +594,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ in two pytest processes at the same time, each inside its bundle.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from conftest import ROOT
 
 import make_lab
 import models
+import progress
 
 LAB_TEXT = (ROOT / "LAB.md").read_text()
 QUESTION_HEADING = re.compile(r"^### Q(\d+)\b.*$", re.MULTILINE)
@@ -33,6 +35,7 @@ class Bundles:
     solution: Path
     student_results: dict[str, tuple[str, str]]  # test name -> (outcome, message)
     solution_results: dict[str, tuple[str, str]]
+    student_report: Path  # the junit file of the student bundle's self-checks
 
 
 def junit_results(report: Path) -> dict[str, tuple[str, str]]:
@@ -75,7 +78,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
         output, _ = process.communicate(timeout=300)
         assert report.is_file(), f"the self-checks of the {name} bundle did not run:\n{output}"
         results[name] = junit_results(report)
-    return Bundles(student, solution, results["student"], results["solution"])
+    return Bundles(student, solution, results["student"], results["solution"], base / "student.xml")
 
 
 def bundle_files(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -139,15 +142,90 @@ def test_the_bundles_hold_exactly_the_listed_files(bundles):
         name for name in make_lab.SOLUTION_FILES + make_lab.COPIED_FILES if (ROOT / name).is_file()
     }
     assert "README.md" in expected and "tests/test_lab.py" in expected
-    for folder in (bundles.student, bundles.solution):
-        assert set(bundle_files(folder)) == expected
+    assert "progress.py" in expected
+    assert set(bundle_files(bundles.student)) == expected
+    assert set(bundle_files(bundles.solution)) == expected | {"TEACHER.md"}
+    for teacher_side in ("make_lab.py", "lab_timing.py", "figures.py", "TEACHER.md"):
+        assert (ROOT / teacher_side).is_file()
+        assert not (bundles.student / teacher_side).exists(), teacher_side
     assert not (bundles.student / "tests" / "test_make_lab.py").exists()
-    assert not (bundles.student / "make_lab.py").exists()
+    assert not (bundles.student / "tests" / "lab_mistakes.py").exists()
+
+
+def test_the_teachers_guide_answers_every_question_and_stays_out_of_student_bundles(
+    bundles, tmp_path
+):
+    guide = (ROOT / "TEACHER.md").read_text()
+    assert (bundles.solution / "TEACHER.md").read_text() == guide
+    for question in lab_questions():
+        assert re.search(rf"^### Q{question}\b", guide, re.MULTILINE), question
+    topics = ("--give Q4", "progress.py --json", "sha256sum", "lab_mistakes.py", "--time")
+    for topic in (*topics, "figures.py"):
+        assert topic in guide, topic
+    assert make_lab.main(["--out", str(tmp_path / "given"), "--give", "Q4"]) == 0
+    assert not (tmp_path / "given" / "TEACHER.md").exists()
+
+
+def test_the_figures_of_the_handout_ship_in_the_bundle(bundles):
+    figures = re.findall(r"!\[[^\]]*\]\((docs/lab/[\w.-]+\.png)\)", LAB_TEXT)
+    assert sorted(figures) == sorted(f"docs/lab/{name}.png" for name in make_lab.LAB_FIGURES)
+    for figure in figures:
+        content = (bundles.student / figure).read_bytes()
+        assert content.startswith(b"\x89PNG") and len(content) < 150_000, figure
+        assert content == (ROOT / figure).read_bytes()
+    assert "docs/lab" in (ROOT / "figures.py").read_text()
+
+
+def test_the_students_readme_names_only_files_of_their_bundle(bundles):
+    readme = (bundles.student / "README.md").read_text()
+    assert "make_lab.py" in (ROOT / "README.md").read_text()
+    assert "make_lab.py" not in readme and "TEACHER.md" not in readme
+    assert make_lab.TEACHER_LINE not in readme
+    for name in re.findall(r"`(\w+\.py)`", readme):
+        assert (bundles.student / name).is_file(), name
+
+
+def test_give_ships_the_chosen_answers_solved(tmp_path, capsys):
+    out = tmp_path / "given"
+    assert make_lab.main(["--out", str(out), "--give", "Q4", "q9", "12"]) == 0
+    assert "Q4, Q9, Q12 given solved" in capsys.readouterr().out
+    given = {4, 9, 12}
+    for region in REGIONS:
+        text = (out / region.path).read_text()
+        solution_lines = (ROOT / region.path).read_text().splitlines()
+        answer = [line for line in solution_lines[region.open_line : region.close_line - 1]]
+        if region.question in given:
+            assert "\n".join(answer) in text, region
+            assert f"Q{region.question}: {region.task}" not in text
+        else:
+            assert f"Q{region.question}: {region.task}" in text, region
+    for name in make_lab.SOLUTION_FILES:
+        for line in (out / name).read_text().splitlines():
+            assert not make_lab.MARKER_LIKE.match(line), (name, line)
+    for wrong in (["--give", "Q3"], ["--give", "Q99"], ["--give", "four"]):
+        assert make_lab.main(["--out", str(tmp_path / "other"), *wrong]) == 1
+        assert "not a question with code to give" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_progress_reads_the_state_of_each_question(bundles):
+    statuses = progress.question_statuses(progress.check_results(bundles.student_report))
+    student = {status.question: status for status in statuses}
+    assert sorted(student) == sorted(lab_questions())
+    for question in STUB_QUESTIONS:
+        assert student[question].status == "not started", student[question]
+    assert student[3].status in ("waiting for Q1", "waiting for Q1, Q2")
+    assert student[13].status.startswith("waiting for Q")
+    solution = {
+        name: (outcome == "passed", m) for name, (outcome, m) in bundles.solution_results.items()
+    }
+    assert [s.status for s in progress.question_statuses(solution)] == ["done"] * len(student)
 
 
 def test_the_student_bundle_passes_the_linter_and_its_test_script_runs_the_self_checks(
     bundles,
 ):
+    assert "ruff" not in (bundles.student / "test.sh").read_text()
     for command in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
         result = subprocess.run(
             [sys.executable, "-m", "ruff", *command],
@@ -202,6 +280,37 @@ def test_training_in_the_student_bundle_names_the_first_unanswered_question(
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert re.fullmatch(r"error: Q\d+: .+ in \w+\.py, see LAB\.md \(the program needs it\)", line)
+
+
+def test_every_student_command_names_an_unanswered_question_in_one_line(
+    bundles, synthetic_root, tmp_path
+):
+    data_flags = ["--datadir", str(synthetic_root), "--areas", "1"]
+    commands = [
+        ["data.py", "show", *data_flags, "--out", str(tmp_path / "sample.png")],
+        ["data.py", "histogram", *data_flags],
+        ["cache.py", "write", *data_flags, "--out", str(tmp_path / "cache"), "--size", "32"],
+        ["models.py"],
+    ]
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, *command], cwd=bundles.student, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, (command, result.stderr)
+        last_line = result.stderr.strip().splitlines()[-1]  # after a progress bar, if any
+        pattern = r"error: Q\d+: .+ in \w+\.py, see LAB\.md \(the program needs it\)"
+        assert re.fullmatch(pattern, last_line), (command, last_line)
+
+
+def test_the_command_questions_say_which_question_they_wait_for(bundles):
+    for name, (_, message) in bundles.student_results.items():
+        if name.startswith(("test_q03_", "test_q13_")):
+            assert re.search(r"Q(3|13) needs Q\d+ first\. Q\d+ is not implemented yet", message), (
+                name,
+                message,
+            )
 
 
 def test_each_stub_raises_not_implemented_naming_its_question(bundles):
@@ -274,7 +383,12 @@ def test_the_solution_bundle_is_the_project_without_its_markers(bundles):
         assert (bundles.solution / name).read_text() == "".join(kept)
     for name in make_lab.COPIED_FILES:
         assert (bundles.solution / name).read_bytes() == (ROOT / name).read_bytes()
-        assert (bundles.student / name).read_bytes() == (ROOT / name).read_bytes()
+        if name != "README.md":
+            assert (bundles.student / name).read_bytes() == (ROOT / name).read_bytes()
+    readme = (ROOT / "README.md").read_text()
+    assert (bundles.student / "README.md").read_text() == make_lab.without_teacher_lines(
+        readme, "README.md"
+    )
 
 
 def test_two_runs_write_identical_trees_and_leave_other_files_alone(tmp_path):
@@ -447,3 +561,115 @@ def test_the_handout_numbers_are_those_of_the_code():
         small_unet = models.build_unet(14, num_blocks=3, base_chan=16)
     for model in (default_unet, small_unet):
         assert f"{models.count_parameters(model):,}" in LAB_TEXT
+
+
+# ----------------------------------------------------------------------------------------
+# A student's bundle half done: test.sh and progress.py in it
+
+
+@pytest.fixture(scope="module")
+def half_done(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A student bundle with Q1, Q2 and Q10 answered: Q1 correct but unformatted, Q10 with
+    its rows and columns swapped."""
+    out = tmp_path_factory.mktemp("half-done")
+    assert make_lab.main(["--out", str(out), "--give", "Q1", "Q2", "Q10"]) == 0
+    data_py = (out / "data.py").read_text()
+    old = "channels = semantic_rgb.to(torch.int32)"
+    assert old in data_py
+    (out / "data.py").write_text(data_py.replace(old, "channels=semantic_rgb.to( torch.int32 )"))
+    metrics_py = (out / "metrics.py").read_text()
+    old = "targets.reshape(-1).long() * num_classes + preds.reshape(-1).long()"
+    assert old in metrics_py
+    new = "preds.reshape(-1).long() * num_classes + targets.reshape(-1).long()"
+    (out / "metrics.py").write_text(metrics_py.replace(old, new))
+    return out
+
+
+def test_the_student_test_command_runs_the_self_checks_of_unformatted_answers(half_done):
+    unformatted = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "data.py"],
+        cwd=half_done, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert unformatted.returncode == 1, unformatted.stdout
+    result = subprocess.run(
+        ["bash", "test.sh", "tests/test_lab.py", "-k", "q01", "-q", "-p", "no:cacheprovider"],
+        cwd=half_done, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b2 passed\b", result.stdout), result.stdout
+
+
+def test_progress_prints_one_line_per_question_and_writes_json(half_done):
+    report = half_done / "progress.json"
+    result = subprocess.run(
+        [sys.executable, "progress.py", "--json", str(report), "--name", "Ada"],
+        cwd=half_done, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr  # not every question is done
+    lines = result.stdout.splitlines()
+    by_question = {int(m[1]): m[2] for m in map(re.compile(r"^Q(\d+) +(.*)$").match, lines) if m}
+    assert sorted(by_question) == sorted(lab_questions())
+    assert by_question[1] == by_question[2] == by_question[3] == "done"
+    assert by_question[4] == "not started" and by_question[11] == "not started"
+    assert by_question[10].startswith("failing: Q10: ") and "swapped" in by_question[10]
+    assert by_question[13] == "waiting for Q4"
+    saved = json.loads(report.read_text())
+    assert saved["name"] == "Ada" and saved["done"] == 3
+    statuses = {entry["question"]: entry for entry in saved["questions"]}
+    assert statuses[10]["status"] == "failing" and "swapped" in statuses[10]["message"]
+    assert statuses[5] == {"question": 5, "status": "not started", "message": ""}
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("a\nb <!-- teacher -->\nc\n", "a\nc\n"),
+        ("a\n<!-- teacher -->\nb\nc\n<!-- /teacher -->\nd\n", "a\nd\n"),
+        (
+            "| x | y |\n| `make_lab.py` | z <!-- teacher --> |\n| w | v |\n",
+            "| x | y |\n| w | v |\n",
+        ),
+    ],
+)
+def test_teacher_lines_leave_the_students_readme(text, kept):
+    assert make_lab.without_teacher_lines(text, "README.md") == kept
+
+
+def test_a_teacher_block_left_open_is_an_error():
+    with pytest.raises(make_lab.MarkerError, match=r"^README\.md:2: "):
+        make_lab.without_teacher_lines("a\n<!-- teacher -->\nb\n", "README.md")
+    with pytest.raises(make_lab.MarkerError, match=r"^README\.md:1: "):
+        make_lab.without_teacher_lines("<!-- /teacher -->\n", "README.md")
+
+
+KINDS = ("core", "optional", "homework")
+
+
+def test_the_handout_has_a_time_plan_whose_core_fits_three_hours():
+    plan = LAB_TEXT[LAB_TEXT.index("### Time plan") : LAB_TEXT.index("## Objectives")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in plan.splitlines()]
+    rows = [row for row in cells if len(row) == 4 and row[3].startswith(KINDS)]
+    core_minutes = 0
+    for _, _, duration, kind in rows:
+        minutes = re.fullmatch(r"(\d+) min", duration)
+        if kind == "core":
+            assert minutes, duration
+            core_minutes += int(minutes[1])
+    assert 150 <= core_minutes <= 180, core_minutes
+    total = re.search(r"^\| \*\*Core\*\* \| \| \*\*(\d) h (\d+) min\*\* \|", plan, re.M)
+    assert total and int(total[1]) * 60 + int(total[2]) == core_minutes
+    core_questions = " ".join(row[1] for row in rows if row[3] == "core")
+    for question in (1, 2, 3, 4, 5, 8, 10, 11, 13, 14):
+        assert f"Q{question}" in core_questions, question
+    assert {"Q9", "Q12"} <= set(re.findall(r"Q\d+", " ".join(r[1] for r in rows if r[3] != "core")))
+
+
+def test_the_time_plan_holds_the_measured_time_of_every_core_command():
+    import lab_timing
+
+    measured = dict(re.findall(r"^\| .+? \| `(.+?)` \| (\d+) s \|$", LAB_TEXT, re.MULTILINE))
+    commands = lab_timing.CORE_COMMANDS + lab_timing.OPTIONAL_COMMANDS
+    assert set(measured) == {lab_timing.shown(command) for _, command in commands}
+    assert "python make_lab.py --time" in LAB_TEXT
