@@ -11,7 +11,8 @@ memory) and on a CPU. `python main.py COMMAND --help` explains every flag. The m
 lives in modules of its own: devices.py (GPU, torchrun, precision), checkpoints.py (saving,
 loading, downloading, the run folder), runstate.py (exact resume, the device-side health of
 the step), preemption.py (stopping on a cluster's signal), cache.py (pre-decoded data
-sets), export.py (ONNX and torch.export), cli.py (errors as one line).
+sets), export.py (ONNX and torch.export), flags.py (the commands and their flags), cli.py
+(argument types, errors as one line).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import data
 import depth
 import devices
 import export
+import flags
 import losses
 import metrics
 import models
@@ -1000,264 +1002,17 @@ def export_model(args: argparse.Namespace) -> int:
 # Command line
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": train,
+    "test": test,
+    "predict": predict,
+    "export": export_model,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    defaults = cli.HelpFormatter
-    unet = models.default_options("unet")
-    environment = f"${data.DATADIR_VARIABLE}"
-
-    train_parser = commands.add_parser("train", help="train a model", formatter_class=defaults)
-    train_parser.set_defaults(func=train)
-    add = train_parser.add_argument
-    add(
-        "--datadir",
-        default=None,
-        help=f"2D-3D-S root or cache folder (default: {environment}, else the resumed run's, "
-        f"else {data.DEFAULT_DATADIR})",
-    )
-    areas_or_fold = train_parser.add_mutually_exclusive_group()
-    areas_or_fold.add_argument(
-        "--areas", nargs="+", default=None, help="training areas (default: fold 1's, 1 2 3 4 6)"
-    )
-    areas_or_fold.add_argument(
-        "--fold",
-        type=int,
-        choices=sorted(data.FOLDS),
-        default=None,
-        help="the data set's fold: train on its training areas; test defaults to its test areas",
-    )
-    add(
-        "--val-areas",
-        nargs="+",
-        default=None,
-        help="validation areas; without them whole rooms of the training areas are held out",
-    )
-    add(
-        "--val-fraction",
-        type=cli.float_range(0.0, 1.0, include_minimum=False),
-        default=0.2,
-        help="share of rooms held out (no --val-areas)",
-    )
-    add("--model", default="unet", choices=models.available_models(), help="architecture")
-    add(
-        "--inputs",
-        nargs="+",
-        choices=depth.INPUTS,
-        action=cli.InputsAction,
-        default=["rgb"],
-        help="what the model sees: rgb, or rgb depth (the data set's depth images, see depth.py)",
-    )
-    add(
-        "--num-blocks",
-        type=cli.int_range(1, cli.MAX_UNET_BLOCKS),
-        help=f"UNet: encoder blocks (default {unet['num_blocks']})",
-    )
-    add(
-        "--base-chan",
-        type=cli.int_range(1, cli.MAX_BASE_CHANNELS),
-        help=f"UNet: channels of the first block (default {unet['base_chan']})",
-    )
-    add(
-        "--pretrained",
-        default=None,
-        choices=("none", "imagenet", "coco"),
-        help="torchvision models: start from ImageNet backbone weights or from COCO segmentation "
-        "weights (downloaded once by torchvision)",
-    )
-    add("--loss", default="ce", choices=losses.available_losses, help="training loss")
-    add(
-        "--weight-method",
-        default="inverse_sqrt",
-        choices=losses.available_weight_methods,
-        help="wce: how class weights follow from the pixel shares",
-    )
-    add(
-        "--class-weights",
-        type=cli.pixel_shares_file(data.NUM_CLASSES),
-        default=None,
-        help="wce: pixel shares from `data.py histogram --out`",
-    )
-    add("--epochs", type=cli.int_range(1), default=30, help="passes over the training set")
-    add("--batch-size", type=cli.int_range(1), default=8, help="frames per step (per process)")
-    add(
-        "--lr",
-        type=cli.float_range(0.0, include_minimum=False),
-        default=1e-3,
-        help="AdamW learning rate",
-    )
-    add("--weight-decay", type=cli.float_range(0.0), default=1e-4, help="AdamW weight decay")
-    add("--schedule", default="poly", choices=("poly", "cosine"), help="learning rate decay")
-    add("--warmup-steps", type=cli.int_range(0), default=100, help="linear warmup steps")
-    add(
-        "--clip-grad",
-        type=cli.float_range(0.0),
-        default=1.0,
-        help="max gradient norm (0: no clipping)",
-    )
-    add(
-        "--img-size",
-        type=cli.int_range(cli.MIN_IMG_SIZE, cli.MAX_IMG_SIZE),
-        default=256,
-        help="training crops are IMG_SIZE x IMG_SIZE",
-    )
-    add(
-        "--jitter",
-        type=cli.jitter_strength,
-        default=0.2,
-        help="color jitter: brightness, contrast and saturation vary by up to this (0: off)",
-    )
-    add(
-        "--subset",
-        type=cli.int_range(1),
-        default=None,
-        help="use only N frames (spread over the data)",
-    )
-    add(
-        "--workers",
-        type=cli.int_range(0, cli.MAX_WORKERS),
-        default=None,
-        help="data loading processes (default: 2, or the resumed run's); the batches and "
-        "their augmentations do not depend on it",
-    )
-    add("--logdir", default="runs", help="where runs are written")
-    add("--name", type=cli.folder_name, default=None, help="run name (default: model and time)")
-    add(
-        "--resume",
-        default=None,
-        metavar="LAST_PT|auto",
-        help="continue the run of this last.pt (its own configuration); auto: continue "
-        "LOGDIR/NAME/last.pt if it exists, else start it (the same command relaunched "
-        "continues)",
-    )
-    add("--seed", type=cli.int_range(0, cli.MAX_SEED), default=0, help="random seed")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
-    add(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision (default: on for CUDA, off on CPU)",
-    )
-    add(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels_last memory format (default: on for CUDA)",
-    )
-    add(
-        "--amp-dtype",
-        default=None,
-        choices=("float16", "bfloat16"),
-        help="with --amp: float16 (with loss scaling) or bfloat16 (default: float16 on CUDA, "
-        "bfloat16 on CPU)",
-    )
-    add(
-        "--stop-after",
-        type=cli.int_range(1),
-        default=None,
-        metavar="EPOCHS",
-        help="end this invocation after EPOCHS epochs of training (e.g. a cluster time "
-        "limit); continue later with --resume",
-    )
-    add(
-        "--checkpoint-minutes",
-        type=cli.float_range(0),
-        default=0.0,
-        metavar="MINUTES",
-        help="also save last.pt in the middle of an epoch this often (0: only at the end of "
-        "each epoch and on SIGTERM/SIGUSR1), to bound what a crash can cost",
-    )
-    add(
-        "--log-every",
-        type=cli.int_range(1),
-        default=10,
-        metavar="STEPS",
-        help="read the loss, log it and check the weights every STEPS steps: the only "
-        "times the training step waits for the GPU",
-    )
-    add(
-        "--sync-bn",
-        action="store_true",
-        help="under torchrun on GPUs: batch norm statistics over all processes' frames",
-    )
-    add(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model for training (a compile of tens of seconds first)",
-    )
-    add("--skip-bad", action="store_true", help="skip unreadable frames instead of stopping")
-    add(
-        "--max-bad-steps",
-        type=cli.int_range(1),
-        default=20,
-        help="stop after this many steps in a row with non-finite gradients",
-    )
-
-    test_parser = commands.add_parser(
-        "test", help="evaluate a checkpoint", formatter_class=defaults
-    )
-    test_parser.set_defaults(func=test)
-    add = test_parser.add_argument
-    add("--model", required=True, help="checkpoint (best.pt or last.pt), path or URL")
-    add(
-        "--datadir",
-        default=None,
-        help=f"2D-3D-S root or cache folder (default: {environment}, else the one the model "
-        f"trained on, else {data.DEFAULT_DATADIR})",
-    )
-    add("--areas", nargs="+", default=None, help="areas to test (default: those not trained on)")
-    add(
-        "--out",
-        default=None,
-        help="output folder (default: test-AREAS beside the model)",
-    )
-    add(
-        "--save-predictions",
-        action="store_true",
-        help="also write the predicted class ids (palette PNGs)",
-    )
-    add(
-        "--at-train-size",
-        action="store_true",
-        help="score at the training size instead of the labels' full resolution",
-    )
-    add("--batch-size", type=cli.int_range(1), default=4, help="frames per batch")
-    add("--subset", type=cli.int_range(1), default=None, help="use only N frames")
-    add(
-        "--workers",
-        type=cli.int_range(0, cli.MAX_WORKERS),
-        default=2,
-        help="data loading processes",
-    )
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-
-    predict_parser = commands.add_parser("predict", help="segment images", formatter_class=defaults)
-    predict_parser.set_defaults(func=predict)
-    add = predict_parser.add_argument
-    add("images", nargs="+", help="image files or folders (PNG, JPEG, any size)")
-    add("--model", required=True, help="checkpoint (.pt) or ONNX file (.onnx), path or URL")
-    add(
-        "--depth",
-        nargs="+",
-        type=cli.existing_file,
-        default=None,
-        metavar="FILE",
-        help="models trained with depth: the depth PNG of each image, in the same order "
-        "(default: found by name in a 2D-3D-S tree)",
-    )
-    add("--out", default="predictions", help="output folder")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-
-    export_parser = commands.add_parser(
-        "export", help="write a model for programs without this project", formatter_class=defaults
-    )
-    export_parser.set_defaults(func=export_model)
-    add = export_parser.add_argument
-    add("--model", required=True, help="checkpoint (best.pt or last.pt), path or URL")
-    add("--out", required=True, help="model.onnx (ONNX) or model.pt2 (torch.export program)")
-    return parser
+    """The command line: every command and flag is in flags.py."""
+    return flags.build_parser(COMMANDS, description=__doc__.split("\n")[0])
 
 
 # The errors of a user, not of the code: each ends the program with one line (cli.run).
@@ -1285,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))  # exit status 2, like any flag argparse refuses
     if args.command == "train":
         # What the command line sets, apart from the defaults: a resumed run checks it.
-        args.given = cli.given_options(train_parser_of(parser), argv[1:]) - {"func"}
+        args.given = cli.given_options(flags.train_parser_of(parser), argv[1:]) - {"func"}
         if args.name is None and args.resume != "auto":
             args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -1302,12 +1057,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def train_parser_of(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `train` subcommand's parser."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices["train"]
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ COPIED_FILES: tuple[str, ...] = (
     "depth.py",
     "devices.py",
     "export.py",
+    "flags.py",
     "preemption.py",
     "runstate.py",
     "LAB.md",
