@@ -8,11 +8,13 @@ cannot work (a batch of 0 frames, a NaN learning rate) before anything runs or i
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import errno
 import functools
 import json
 import math
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -311,8 +313,13 @@ def run(
     """`command(args)`, with the exceptions of `user_errors` (and CUDA's out of memory, a
     file the system cannot read or write, and the stubs of the students' version of the
     lab) printed as one line, exit status 2; Ctrl-C prints one line, exit status 130."""
-    default_thread_hook = threading.excepthook
+    default_thread_hook, default_unraisable_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = functools.partial(report_thread_error, default_thread_hook)
+    interrupted = threading.Event()
+    sys.unraisablehook = functools.partial(report_unraisable, default_unraisable_hook, interrupted)
+    default_sigint = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, functools.partial(interrupt, interrupted))
     try:
         return command(args)
     except user_errors as error:
@@ -339,7 +346,33 @@ def run(
         print(f"error: {message} (the program needs it)", file=sys.stderr)
         return 2
     finally:
-        threading.excepthook = default_thread_hook
+        threading.excepthook, sys.unraisablehook = default_thread_hook, default_unraisable_hook
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, default_sigint)
+
+
+def interrupt(interrupted: threading.Event, signum: int, frame) -> None:
+    """SIGINT (Ctrl-C) while a command runs: Python's KeyboardInterrupt, remembered.
+
+    Raised inside a `__del__`, Python would swallow it (a `__del__` cannot raise): then the
+    signal is delivered again a moment later, once the finalizer is done."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,)).start()
+            return
+        frame = frame.f_back
+    interrupted.set()
+    raise KeyboardInterrupt
+
+
+def report_unraisable(default_hook, interrupted: threading.Event, unraisable) -> None:
+    """sys.unraisablehook while a command runs. Ctrl-C can land while an object is being
+    built (a progress bar, say); its `__del__` then fails on the half-built object, and
+    Python prints that failure as a traceback of its own, after which the KeyboardInterrupt
+    goes on to its one line. After Ctrl-C such failures are noise; before, they are not."""
+    if interrupted.is_set():
+        return
+    default_hook(unraisable)
 
 
 def report_thread_error(default_hook, hook_args) -> None:

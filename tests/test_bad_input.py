@@ -27,6 +27,7 @@ from PIL import Image
 
 import check
 import checkpoints
+import cli
 import data
 import main
 import synthetic
@@ -345,6 +346,49 @@ def test_ctrl_c_ends_training_with_one_line_and_status_130(synthetic_root, tmp_p
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.rstrip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
     assert checkpoints.load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] >= 1
+
+
+# Run in a process of its own: pytest replaces sys.unraisablehook, which would hide what a
+# user sees. `command` is the body of a command given to cli.run.
+CTRL_C_SCRIPT = """
+import argparse, os, signal, sys, time
+import cli
+
+class HalfBuilt:  # Ctrl-C in its constructor; its finalizer then fails, as a progress bar's
+    def __init__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        self.ready = True
+    def __del__(self):
+        assert self.ready
+
+class InterruptedFinalizer:  # Ctrl-C while its finalizer runs, where Python cannot raise it
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+def command(args):
+    {body}
+    for _ in range(250):
+        time.sleep(0.02)
+    return 0
+
+sys.exit(cli.run(command, argparse.Namespace(), ()))
+"""
+
+
+@pytest.mark.parametrize(
+    "body", ["HalfBuilt()", "finalizer = InterruptedFinalizer(); del finalizer"]
+)
+def test_ctrl_c_in_a_constructor_or_a_finalizer_ends_in_one_line(body):
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_SCRIPT.format(body=body)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == cli.INTERRUPTED_STATUS  # 0 if the interrupt were lost
+    assert result.stderr.strip().splitlines() == [
+        "interrupted (Ctrl-C); files written so far are whole"
+    ]
 
 
 def test_a_poisoned_pretrained_file_stops_training_in_one_line(
