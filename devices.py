@@ -84,7 +84,7 @@ def training_model(
     train_model = distribute(model, device)
     if compile:
         # Compiled once per input shape: the training crops all have one shape, and the
-        # last incomplete batch is dropped, so this compiles once (tens of seconds).
+        # last incomplete batch is dropped, so this compiles once (about a minute on 2 CPU cores).
         train_model = torch.compile(train_model)
     return train_model
 

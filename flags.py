@@ -204,7 +204,7 @@ def build_parser(
     add(
         "--compile",
         action="store_true",
-        help="torch.compile the model for training (a compile of tens of seconds first)",
+        help="torch.compile the model for training (a compilation of about a minute first)",
     )
     add("--skip-bad", action="store_true", help="skip unreadable frames instead of stopping")
     add(
