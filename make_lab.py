@@ -56,6 +56,7 @@ import functools
 import json
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,6 +377,18 @@ def question_numbers(names: list[str], regions: list[Region]) -> frozenset[int]:
     return frozenset(numbers)
 
 
+def time_the_lab(source: Path) -> int:
+    """`--time`: write a bundle with every answer given into a temporary folder and time
+    the commands of the lab in it (lab_timing.py)."""
+    import lab_timing  # teacher-side only, and it imports torch
+
+    all_answers = frozenset(region.question for region in all_regions(source))
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = Path(folder) / "lab"
+        write_bundle(build_bundle(source, give=all_answers), bundle)
+        return lab_timing.main(bundle)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write the student (or solution) bundle of the lab from this solution.",
@@ -415,9 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Q{region.question:<3} {where:<16} {kind:<8} {region.task}")
             return 0
         if args.time:
-            import lab_timing
-
-            return lab_timing.main(source)
+            return time_the_lab(source)
         give = question_numbers(args.give, all_regions(source))
         out = Path(args.out)
         check_out_dir(out, source)
