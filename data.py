@@ -11,16 +11,15 @@ into the JSON list of labels such as "chair_12_office_3_5"; the class is the par
 first underscore. #0D0D0D (and any index past the end of the list) means "no data".
 
 The file reads in the order of the lab: classes and labels (Q1), frames on disk, the data set
-(Q2), transforms (Q4), splits, loaders, the class histogram and `python data.py show` /
-`histogram` (Q3). Below the command line sit the PNG checks that keep a damaged file from
-crashing a run; the pre-decoded cache is in cache.py and the file checker in check.py.
+(Q2), transforms (Q4), splits, loaders and the class histogram (Q3, with the commands
+`python -m seglab.explore show` and `histogram`), then the messages about broken files.
+The PNG checks that keep a damaged file from crashing a run are in seglab/pngfiles.py, the
+pre-decoded cache in seglab/cache.py and the file checker in seglab/check.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import functools
 import json
 import math
 import os
@@ -28,7 +27,6 @@ import random
 import re
 import sys
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,8 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_png
+
+from seglab import pngfiles  # damaged PNGs: checked before decoding
 
 try:
     # libspng decodes these PNGs 1.2-1.3x faster than torchvision here, and raises a clean
@@ -95,7 +95,7 @@ DEFAULT_DATADIR = "data/stanford2d3ds"
 LABELS_FILE = Path("assets") / "semantic_labels.json"
 RGB_SUFFIX = "_domain_rgb.png"
 SEMANTIC_SUFFIX = "_domain_semantic.png"
-DEPTH_SUFFIX = "_domain_depth.png"  # read by depth.py only
+DEPTH_SUFFIX = "_domain_depth.png"  # read by seglab/depth.py only
 FRAME_NAME = re.compile(r"^camera_(?P<camera>[0-9a-f]+)_(?P<room>.+)_frame_(?P<frame>\d+)$")
 
 
@@ -254,8 +254,8 @@ def find_frames(
         rgb_paths = sorted(rgb_folder.glob(f"*{RGB_SUFFIX}"))
         if not rgb_paths:
             raise DataError(
-                f"no *{RGB_SUFFIX} file in {rgb_folder}; if {root} is a cache made by "
-                "cache.py, read it with main.py or `python cache.py show|histogram`"
+                f"no *{RGB_SUFFIX} file in {rgb_folder}; if {root} is a cache, read it with "
+                "main.py or `python -m seglab.explore show|histogram`"
             )
         for rgb_path in rgb_paths:
             frame = Frame.at(root, area, rgb_path.name.removesuffix(RGB_SUFFIX))
@@ -283,7 +283,7 @@ def read_png(path: Path, labels: bool = False) -> torch.Tensor:
     With pyspng the tensor is a channels-first view of `(H, W, 3)` memory, the layout in
     which torchvision resizes uint8 images fastest.
     """
-    raw = read_png_bytes(path, labels)  # checked first: see "PNG checks" at the end
+    raw = read_png_bytes(path, labels)  # checked before decoding (seglab/pngfiles.py)
     try:
         if pyspng is not None:
             return torch.from_numpy(pyspng.load(raw, "RGB")).permute(2, 0, 1)
@@ -390,7 +390,7 @@ class StanfordDataset(Dataset):
 
 
 # A function that opens a data set as `open_dataset(root, areas, transforms, skip_bad)`:
-# StanfordDataset itself, or cache.open_dataset, which also reads the caches of cache.py.
+# StanfordDataset itself, or cache.open_dataset, which also reads the caches of seglab/cache.py.
 DatasetOpener = Callable[..., Dataset]
 
 
@@ -556,62 +556,35 @@ def get_datasets(
     return Subset(train_set, train_indices), Subset(val_set, val_indices)
 
 
-def get_dataloaders(
-    root: str | Path,
-    train_areas: list[str],
-    val_areas: list[str] | None = None,
-    img_size: int = 256,
-    batch_size: int = 8,
-    workers: int = 0,
-    subset: int | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    pin_memory: bool = False,
-    skip_bad: bool = False,
-    open_dataset: DatasetOpener = StanfordDataset,
-) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders yielding `(B, 3, S, S)` uint8 and `(B, S, S)` uint8.
-
-    `loader.dataset` is the Subset of `get_datasets`. Pass `pin_memory=True` when training
-    on CUDA: pinned batches copy to the GPU asynchronously (`.to(device, non_blocking=True)`).
-    """
-    train_set, val_set = get_datasets(
-        root, train_areas, val_areas, img_size, subset, val_fraction, seed, skip_bad, open_dataset
-    )
-    train_loader = make_loader(train_set, batch_size, True, workers, pin_memory, seed)
-    val_loader = make_loader(val_set, batch_size, False, workers, pin_memory, seed)
-    return train_loader, val_loader
-
-
 def make_loader(
     dataset: Dataset,
     batch_size: int,
-    train: bool,
     workers: int = 0,
     pin_memory: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
+    sampler: Sampler | None = None,
     seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader: shuffled with drop_last for training, in order for evaluation.
+    """A DataLoader of `dataset` in the order of `sampler`; without one, in order, and under
+    torch.distributed each process gets its own shard of the frames (evaluation).
 
-    Under torch.distributed each process gets its own shard of the frames.
+    Pass `pin_memory=True` when running on CUDA: pinned batches copy to the GPU
+    asynchronously (`.to(device, non_blocking=True)`). The training loader is
+    `seglab.runstate.training_loader`, whose sampler makes a stopped run continue exactly.
     """
-    distributed = dist.is_available() and dist.is_initialized()
-    sampler: Sampler | None = None
-    if distributed and train:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
-    elif distributed:
+    if sampler is None and dist.is_available() and dist.is_initialized():
         sampler = ShardSampler(len(dataset), dist.get_rank(), dist.get_world_size())
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        drop_last=train,
         persistent_workers=workers > 0,
-        generator=generator,
+        worker_init_fn=worker_init_fn,
+        # The workers' base seeds come from a generator of their own, so that starting an
+        # epoch draws nothing from the training process's random numbers.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -633,7 +606,7 @@ class ShardSampler(Sampler):
 
 
 # ----------------------------------------------------------------------------------------
-# Class histogram and the command line: show, histogram
+# The class histogram
 
 
 def class_histogram(
@@ -650,131 +623,8 @@ def class_histogram(
     return counts
 
 
-def command_histogram(
-    datadir: str, areas: list[str] | None, out: str | None, open_dataset: DatasetOpener
-) -> None:
-    dataset = open_dataset(datadir, areas, None, False)
-    counts = class_histogram(dataset)
-    shares = (counts / counts.sum()).tolist()
-    print(f"{len(dataset)} frames of areas {', '.join(dataset.areas)}")
-    print(f"{'class':<10} {'pixels':>14} {'share':>8}")
-    for name, count, share in zip(CLASSES, counts.tolist(), shares, strict=True):
-        print(f"{name:<10} {count:>14,d} {share:>8.2%}")
-    result = {
-        "areas": dataset.areas,
-        "frames": len(dataset),
-        "classes": list(CLASSES),
-        "pixel_count": counts.tolist(),
-        "pixel_share": shares,
-    }
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-
-
-def command_show(
-    datadir: str, areas: list[str] | None, index: int, out: str, open_dataset: DatasetOpener
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    dataset = open_dataset(datadir, areas, None, False)
-    if not 0 <= index < len(dataset):
-        raise DataError(f"--index {index} is out of range: {len(dataset)} frames")
-    image, mask = dataset[index]
-    frame = dataset.frames[index]
-    present = [CLASSES[i] for i in torch.unique(mask).tolist()]
-    print(f"frame   {frame.name} (area {frame.area}, room {frame.room})")
-    print(f"image   shape {tuple(image.shape)} dtype {image.dtype}")
-    print(f"mask    shape {tuple(mask.shape)} dtype {mask.dtype}")
-    print(f"classes {', '.join(present)}")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
-    axes[0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0].set_title(f"area {frame.area}, {frame.room}")
-    palette = torch.tensor(list(CLASS_COLORS.values()), dtype=torch.uint8)
-    axes[1].imshow(palette[mask.long()].numpy())  # (H, W, 3): each class id becomes its color
-    axes[1].set_title("labels")
-    for axis in axes:
-        axis.axis("off")
-    legend = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in CLASS_COLORS.items()]
-    figure.legend(handles=legend, loc="center right", fontsize=8)
-    figure.subplots_adjust(right=0.85)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    print(f"wrote {out}")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """--datadir and --areas, as every data command spells them."""
-    parser.add_argument(
-        "--datadir",
-        default=default_datadir(),
-        help=f"2D-3D-S root (default: ${DATADIR_VARIABLE}, else {DEFAULT_DATADIR})",
-    )
-    parser.add_argument(
-        "--areas", nargs="+", default=None, help='areas, e.g. 1 2 5a ("5" = 5a 5b); all'
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    show = commands.add_parser("show", help="plot one frame, its colorized labels and legend")
-    add_data_arguments(show)
-    show.add_argument("--index", type=int, default=0, help="frame index in the listed areas")
-    show.add_argument("--out", default="sample.png", help="picture to write")
-    histogram = commands.add_parser("histogram", help="pixel share of each class")
-    add_data_arguments(histogram)
-    histogram.add_argument("--out", default=None, help="also write the numbers as JSON")
-    return parser
-
-
-# The message of a stub in the students' version of the lab, as make_lab.py writes it:
-# "Qn: TASK in FILE, see LAB.md".
-LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
-
-
-def stops_at_unanswered_questions(command: Callable[..., int]) -> Callable[..., int]:
-    """Decorate the `main` of a script: a question of the lab still unanswered ends it with
-    one line naming the question and exit status 2. Other NotImplementedErrors are bugs."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs) -> int:
-        try:
-            return command(*args, **kwargs)
-        except NotImplementedError as error:
-            message = str(error)
-            if not LAB_STUB_MESSAGE.match(message):
-                raise
-        print(f"error: {message} (the program needs it)", file=sys.stderr)
-        return 2
-
-    return run
-
-
-@stops_at_unanswered_questions
-def main(argv: list[str] | None = None, open_dataset: DatasetOpener = StanfordDataset) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.out is not None:
-            check_output_file(args.out)
-        if args.command == "show":
-            command_show(args.datadir, args.areas, args.index, args.out, open_dataset)
-        else:
-            command_histogram(args.datadir, args.areas, args.out, open_dataset)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ----------------------------------------------------------------------------------------
-# PNG checks and messages about broken files
-#
-# Nothing of the lab below: these keep a damaged file from crashing a run of many hours.
+# Messages about missing and broken files
 
 
 def missing_datadir_message(root: str | Path) -> str:
@@ -786,14 +636,14 @@ def missing_datadir_message(root: str | Path) -> str:
     return (
         f"data directory {root} does not exist. Point --datadir (or ${DATADIR_VARIABLE}) at "
         "the 2D-3D-S root (download: http://buildingparser.stanford.edu/dataset.html), "
-        f"or make synthetic data in the same format: python synthetic.py --out {root}"
+        f"or make synthetic data in the same format: python -m seglab.synthetic --out {root}"
     )
 
 
 def bad_file_hint(root: str | Path) -> str:
     """What to do about a broken file under `root`."""
     return (
-        f"list every bad file with `python check.py --datadir {root}`, or leave bad "
+        f"list every bad file with `python -m seglab.check --datadir {root}`, or leave bad "
         "frames out of training with `python main.py train --skip-bad`"
     )
 
@@ -806,57 +656,6 @@ def size_mismatch(frame: Frame, image_size: tuple, semantic_size: tuple) -> str:
     )
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_damage(raw: bytes) -> str | None:
-    """Why the bytes of a PNG file are damaged (no PNG signature, cut short, a chunk whose
-    CRC-32 fails), or None when every chunk up to IEND is whole.
-
-    torchvision's decoder crashes the whole process on some damaged files (a failing
-    checksum, a broken compressed stream) instead of raising, so read_png checks first.
-    The checksums catch flipped or zeroed bytes for a few percent of the decoding time.
-    """
-    if not raw.startswith(PNG_SIGNATURE):
-        return f"not a PNG file (its {len(raw)} bytes do not start with the PNG signature)"
-    view = memoryview(raw)
-    position = len(PNG_SIGNATURE)
-    # A chunk: 4-byte big-endian data length, 4-byte type, the data, CRC-32 of type + data.
-    while position + 12 <= len(raw):
-        length = int.from_bytes(view[position : position + 4], "big")
-        crc_position = position + 8 + length
-        if crc_position + 4 > len(raw):
-            break
-        chunk_type = bytes(view[position + 4 : position + 8])
-        stored_crc = int.from_bytes(view[crc_position : crc_position + 4], "big")
-        if zlib.crc32(view[position + 4 : crc_position]) != stored_crc:
-            name = chunk_type.decode("ascii", "replace")
-            return f"its {name} chunk at byte {position} fails its checksum (damaged file)"
-        if chunk_type == b"IEND":
-            return None
-        position = crc_position + 4
-    return f"it ends after {len(raw)} bytes, before its IEND chunk (truncated file)"
-
-
-# PNG color types (byte 25 of the file, in the IHDR chunk) whose colors survive decoding
-# to RGB unchanged: truecolor, and truecolor with alpha.
-RGB_COLOR_TYPES = {2: "RGB", 6: "RGBA"}
-OTHER_COLOR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale with alpha"}
-
-
-def label_png_problem(raw: bytes) -> str | None:
-    """Why a whole PNG cannot hold labels, or None: each label is a 24-bit color, so a
-    semantic PNG must be 8-bit RGB; a grayscale or palette copy decodes to no label at all."""
-    bit_depth, color_type = raw[24], raw[25]  # IHDR, the first chunk, after width and height
-    if color_type in RGB_COLOR_TYPES and bit_depth == 8:
-        return None
-    kind = RGB_COLOR_TYPES.get(color_type) or OTHER_COLOR_TYPES.get(color_type, "unknown")
-    return (
-        f"it is a {bit_depth}-bit {kind} PNG, but the labels are 8-bit RGB colors (the file "
-        "was converted or is not a semantic PNG of 2D-3D-S)"
-    )
-
-
 def read_png_bytes(path: Path, labels: bool = False) -> bytes:
     """The bytes of a PNG file whose chunks are whole (with `labels`, of an 8-bit RGB PNG);
     a DataError names what is wrong."""
@@ -864,45 +663,7 @@ def read_png_bytes(path: Path, labels: bool = False) -> bytes:
         raw = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from None
-    damage = png_damage(raw) or (label_png_problem(raw) if labels else None)
+    damage = pngfiles.png_problem(raw, labels)
     if damage:
         raise DataError(f"cannot read {path}: {damage}")
     return raw
-
-
-def require_labelled_pixels(dataset: Dataset, indices: list[int], what: str) -> None:
-    """DataError unless some frame `indices` of `dataset` has a labelled (not <UNK>) pixel.
-
-    Stops at the first such frame, so a usable data set costs one frame; a set without any
-    label would train to a loss of 0 and score nothing.
-    """
-    unreadable = []
-    for index in indices:
-        try:
-            if dataset.label_mask(index).any():
-                return
-        except DataError as error:
-            unreadable.append(error)  # the loader names it, or skips it with --skip-bad
-    if unreadable:
-        raise unreadable[0]
-    raise DataError(
-        f"the {len(indices)} {what} frames have no labelled pixel: every pixel decodes to "
-        f"<UNK>; check the label list {LABELS_FILE} and the semantic PNGs with "
-        "`python check.py`"
-    )
-
-
-def check_output_file(out: str | Path) -> None:
-    """DataError unless `out` can be written as a new or replaced file: its folder exists
-    and it is not a folder itself."""
-    out = Path(out)
-    if out.is_dir():
-        raise DataError(f"--out {out} is a folder: name a file")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise DataError(f"--out {out}: {out.parent} is a file, not a folder")
-    if not out.parent.is_dir():
-        raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

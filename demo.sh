@@ -12,7 +12,7 @@ out=demo
 rm -rf "$out"
 export PYTHONWARNINGS=ignore::DeprecationWarning
 
-$python synthetic.py --out "$out/data" --size 160 --images-per-area 40
+$python -m seglab.synthetic --out "$out/data" --size 160 --images-per-area 40
 $python main.py train --datadir "$out/data" --areas 1 2 3 4 6 --val-areas 5a \
   --model unet --num-blocks 3 --base-chan 16 --img-size 128 \
   --epochs 10 --batch-size 8 --lr 3e-3 --warmup-steps 50 --workers 1 \

@@ -36,21 +36,20 @@ output shape and forward GFLOP per image.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
-import pickle
+import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, Weights, segmentation
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
 
 import data
+from seglab import cli
+from seglab.downloads import published_state  # checked against the hash in its name
 
 
 class UNetConvBlock(nn.Module):
@@ -322,53 +321,6 @@ def widen_first_conv(conv: nn.Conv2d, cin: int) -> nn.Conv2d:
     return wide
 
 
-class WeightsError(Exception):
-    """Published weights that cannot be downloaded or read; the message says what to do."""
-
-
-def published_state(weights: Weights) -> dict[str, torch.Tensor]:
-    """The state dict of torchvision's `weights`, downloaded once into torch's cache and read
-    with weights_only=True: torchvision's own loader would unpickle any object the file holds.
-
-    The file name carries the first hex digits of its SHA-256 (`resnet50-0676ba61.pth`).
-    torch.hub checks them on download only; a file already in the cache, which anyone with
-    access to the folder may have replaced, is checked here before it is read."""
-    name = Path(urlparse(weights.url).path).name
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
-    match = torch.hub.HASH_REGEX.search(name)
-    if match is None:
-        raise WeightsError(f"{weights.url} carries no hash in its name to check it against")
-    if cached.exists():
-        check_published_file(cached, match.group(1))
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError
-        raise WeightsError(
-            f"cannot load {weights.url} ({str(error).splitlines()[0]}); without a network, "
-            f"copy that file to {cached}"
-        ) from None
-    except pickle.UnpicklingError:  # its hash matched, so the published file itself
-        raise WeightsError(
-            f"refused to load {cached}: it holds Python objects that could run code; "
-            "delete it to download it again"
-        ) from None
-
-
-def check_published_file(path: Path, prefix: str) -> None:
-    """WeightsError unless the SHA-256 of the cached file `path` starts with `prefix`."""
-    try:
-        with open(path, "rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
-    except OSError as error:
-        raise WeightsError(f"cannot read {path}: {error.strerror}") from None
-    if not digest.startswith(prefix):
-        raise WeightsError(
-            f"refused to load {path}: its SHA-256 {digest[:16]}... does not start with the "
-            f"{prefix} of its name, so it is not the published file; delete it to download "
-            "it again"
-        )
-
-
 def build_deeplabv3_resnet50(num_classes: int, pretrained: str = "none", cin: int = 3) -> nn.Module:
     """DeepLabV3 with a dilated ResNet-50 backbone (about 39.6 M parameters).
 
@@ -564,8 +516,7 @@ def summarize(model: nn.Module, images: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
-@data.stops_at_unanswered_questions
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: print the summary of one model."""
     parser = argparse.ArgumentParser(
         description="Print a model's parameters, output shape and forward GFLOP per image."
@@ -584,14 +535,22 @@ def main(argv: list[str] | None = None) -> None:
     # so even the full-size UNet on large images is summarized at once.
     try:
         config = model_config(args.model, args.num_classes, **options)
-        with torch.device("meta"):
-            model = build_model(**config).eval()
     except (ValueError, TypeError) as error:
         parser.error(str(error))
-    images = torch.empty(1, config.get("cin", 3), args.img_size, args.img_size, device="meta")
-    print(f"model: {config}")
+    return cli.run(print_summary, argparse.Namespace(config=config, img_size=args.img_size), ())
+
+
+def print_summary(args: argparse.Namespace) -> int:
+    """Print the summary of the model `args.config` on one `args.img_size` image."""
+    # On the meta device, shapes and FLOPs come out without allocating or computing anything,
+    # so even the full-size UNet on large images is summarized at once.
+    with torch.device("meta"):
+        model = build_model(**args.config).eval()
+    images = torch.empty(1, args.config.get("cin", 3), args.img_size, args.img_size, device="meta")
+    print(f"model: {args.config}")
     print(summarize(model, images))
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The teacher's tools, for the teacher-side tests (absent from the student bundle).
+if (ROOT / "teacher").is_dir():
+    sys.path.insert(1, str(ROOT / "teacher"))
 
 # The real label file, when the project sits beside the shared folder that holds it.
 REAL_LABELS = ROOT.parent / "shared" / "stanford2d3ds" / "semantic_labels.json"
@@ -18,7 +21,7 @@ REAL_LABELS = ROOT.parent / "shared" / "stanford2d3ds" / "semantic_labels.json"
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Areas 1, 2 and 5a, 6 frames each, 64x64 pixels."""
-    import synthetic
+    from seglab import synthetic
 
     root = tmp_path_factory.mktemp("stanford2d3ds")
     synthetic.generate(root, ["1", "2", "5a"], images_per_area=6, size=64, seed=0, progress=False)

@@ -25,12 +25,9 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
-import check
-import checkpoints
-import cli
 import data
 import main
-import synthetic
+from seglab import check, checkpoints, cli, explore, inference, synthetic
 
 TINY_TRAINING = [
     "--areas", "1", "--val-areas", "5a", "--epochs", "2", "--batch-size", "2", "--subset", "2",
@@ -186,11 +183,11 @@ def test_photos_of_any_bit_depth_are_scaled_to_8_bits(tmp_path):
     Image.fromarray((ramp * 300 - 5).astype(np.float32)).save(float_other)
 
     for path in (gray16, float01, float_other):
-        image = main.read_image(path)
+        image = inference.read_image(path)
         assert image.shape == (3, 8, 16) and image.dtype == torch.uint8
         for channel in image:
             assert np.abs(channel.numpy().astype(int) - expected).max() <= 1, path
-    image = main.read_image(rgb16)
+    image = inference.read_image(rgb16)
     assert np.abs(image[0].numpy().astype(int) - expected).max() <= 1
     assert np.abs(image[1].numpy().astype(int) - (255 - expected)).max() <= 1
 
@@ -352,7 +349,7 @@ def test_ctrl_c_ends_training_with_one_line_and_status_130(synthetic_root, tmp_p
 # user sees. `command` is the body of a command given to cli.run.
 CTRL_C_SCRIPT = """
 import argparse, os, signal, sys, time
-import cli
+from seglab import cli
 
 class HalfBuilt:  # Ctrl-C in its constructor; its finalizer then fails, as a progress bar's
     def __init__(self):
@@ -461,7 +458,7 @@ def test_class_weights_with_a_loss_that_does_not_use_them_is_refused(
     synthetic_root, tmp_path, capsys
 ):
     shares = tmp_path / "hist.json"
-    assert data.main(["histogram", "--datadir", str(synthetic_root), "--out", str(shares)]) == 0
+    assert explore.main(["histogram", "--datadir", str(synthetic_root), "--out", str(shares)]) == 0
     capsys.readouterr()
     argv = train_argv(synthetic_root, tmp_path / "runs", "--loss", "focal")
     with pytest.raises(SystemExit) as exit_info:
@@ -477,7 +474,7 @@ def test_show_and_histogram_refuse_an_out_they_cannot_write(
 ):
     out = tmp_path / "missing" / "x.png" if kind == "in a missing folder" else tmp_path
     before = snapshot(tmp_path)
-    assert data.main([command, "--datadir", str(synthetic_root), "--out", str(out)]) == 2
+    assert explore.main([command, "--datadir", str(synthetic_root), "--out", str(out)]) == 2
     assert f"--out {out}" in one_error_line(capsys.readouterr().err)
     assert snapshot(tmp_path) == before
 

@@ -14,9 +14,8 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-import bench
-import cache
 import data
+from seglab import bench, cache
 
 CACHE_SIZE = 32  # the synthetic frames are 64x64: the cache halves them
 

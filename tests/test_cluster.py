@@ -18,10 +18,9 @@ import torch
 from conftest import ROOT
 from test_main import run_cli, train_args
 
-import checkpoints
 import losses
 import main
-import preemption
+from seglab import checkpoints, preemption
 
 PYTHON_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -35,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 import main
+from seglab import bench
+from seglab import preemption
 
 fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
 on_this_rank = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")

@@ -13,9 +13,8 @@ from conftest import REAL_LABELS
 from PIL import Image
 from torchvision import tv_tensors
 
-import check
 import data
-import synthetic
+from seglab import check, explore, synthetic
 
 # One label of each class, in the real form class_instance_roomType_roomNum_areaNum.
 LABELS = ["<UNK>_0_<UNK>_0_0"] + [f"{name}_1_office_1_1" for name in data.CLASSES[1:]]
@@ -304,14 +303,15 @@ def test_synthetic_histogram_and_show_commands(tmp_path, capsys):
     root = tmp_path / "synthetic"
     assert synthetic.main(["--out", str(root), "--areas", "1", "2", "--size", "96"]) == 0
     out = tmp_path / "hist.json"
-    assert data.main(["histogram", "--datadir", str(root), "--out", str(out)]) == 0
+    assert explore.main(["histogram", "--datadir", str(root), "--out", str(out)]) == 0
     shares = json.loads(out.read_text())["pixel_share"]
     assert all(share > 0 for share in shares), "every class appears over two areas"
     order = sorted(range(1, data.NUM_CLASSES), key=lambda i: -shares[i])
     assert data.CLASSES[order[0]] == "wall"
     assert "sofa" in [data.CLASSES[i] for i in order[-2:]]
     picture = tmp_path / "sample.png"
-    assert data.main(["show", "--datadir", str(root), "--areas", "2", "--out", str(picture)]) == 0
+    show = ["show", "--datadir", str(root), "--areas", "2", "--out", str(picture)]
+    assert explore.main(show) == 0
     assert "mask    shape (96, 96) dtype torch.uint8" in capsys.readouterr().out
     with Image.open(picture) as image:
         assert image.size[0] > 300

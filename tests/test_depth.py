@@ -14,12 +14,10 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 
-import cache
 import data
-import depth
 import main
 import models
-import synthetic
+from seglab import cache, depth, synthetic
 
 TINY_MODEL = ["--num-blocks", "2", "--base-chan", "4", "--img-size", "32"]
 

@@ -1,4 +1,4 @@
-"""Models by URL: checkpoints.local_model_file against a real HTTP server on 127.0.0.1.
+"""Models by URL: downloads.local_model_file against a real HTTP server on 127.0.0.1.
 
 The server serves a small checkpoint under its correct hash-prefixed name, the same bytes
 under a wrong prefix, a reply cut short before its Content-Length, and 404 for the rest.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
+from seglab import checkpoints, downloads
 
 
 def checkpoint_bytes() -> bytes:
@@ -106,19 +106,19 @@ def files_in(folder: Path) -> list[str]:
 
 def test_url_downloads_once_into_torch_hub_cache(server: Server, cache: Path) -> None:
     url = f"{server.url}/models/{GOOD_NAME}"
-    path = checkpoints.local_model_file(url, progress=False)
+    path = downloads.local_model_file(url, progress=False)
     assert path == cache / GOOD_NAME
     assert path.read_bytes() == PAYLOAD
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(10))
     assert files_in(cache) == [GOOD_NAME]  # no temporary file left beside it
-    assert checkpoints.local_model_file(url, progress=False) == path
+    assert downloads.local_model_file(url, progress=False) == path
     assert server.requests == [f"/models/{GOOD_NAME}"]  # the second call used the cache
 
 
 def test_progress_bar_goes_to_stderr(
     server: Server, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    checkpoints.local_model_file(f"{server.url}/{GOOD_NAME}", progress=True)
+    downloads.local_model_file(f"{server.url}/{GOOD_NAME}", progress=True)
     captured = capsys.readouterr()
     assert GOOD_NAME in captured.err and captured.out == ""
 
@@ -126,7 +126,7 @@ def test_progress_bar_goes_to_stderr(
 def test_wrong_hash_is_refused_and_leaves_nothing(server: Server, cache: Path) -> None:
     url = f"{server.url}/{WRONG_NAME}"
     with pytest.raises(checkpoints.CheckpointError) as error:
-        checkpoints.local_model_file(url, progress=False)
+        downloads.local_model_file(url, progress=False)
     message = str(error.value)
     assert url in message and WRONG_NAME[5:13] in message and DIGEST in message
     assert "nothing was written" in message
@@ -136,7 +136,7 @@ def test_wrong_hash_is_refused_and_leaves_nothing(server: Server, cache: Path) -
 def test_download_cut_short_is_refused_and_leaves_nothing(server: Server, cache: Path) -> None:
     url = f"{server.url}/cut/{GOOD_NAME}"
     with pytest.raises(checkpoints.CheckpointError) as error:
-        checkpoints.local_model_file(url, progress=False)
+        downloads.local_model_file(url, progress=False)
     message = str(error.value)
     assert url in message and DIGEST[:8] in message
     assert f"{len(PAYLOAD) // 2} of {len(PAYLOAD)} bytes" in message
@@ -146,7 +146,7 @@ def test_download_cut_short_is_refused_and_leaves_nothing(server: Server, cache:
 def test_http_error_names_the_status(server: Server, cache: Path) -> None:
     url = f"{server.url}/missing-{DIGEST[:8]}.pt"
     with pytest.raises(checkpoints.CheckpointError, match="HTTP 404") as error:
-        checkpoints.local_model_file(url, progress=False)
+        downloads.local_model_file(url, progress=False)
     assert url in str(error.value)
     assert files_in(cache) == []
 
@@ -158,7 +158,7 @@ def test_connection_refused_is_a_checkpoint_error(cache: Path) -> None:
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/{GOOD_NAME}"
     with pytest.raises(checkpoints.CheckpointError, match="cannot download") as error:
-        checkpoints.local_model_file(url, progress=False)
+        downloads.local_model_file(url, progress=False)
     assert url in str(error.value)
     assert files_in(cache) == []
 
@@ -170,28 +170,28 @@ def test_name_without_hash_prefix_is_refused_before_any_request(
     server: Server, cache: Path, name: str
 ) -> None:
     with pytest.raises(checkpoints.CheckpointError, match="sha256sum FILE"):
-        checkpoints.local_model_file(f"{server.url}/models/{name}", progress=False)
+        downloads.local_model_file(f"{server.url}/models/{name}", progress=False)
     assert server.requests == []
     assert files_in(cache) == []
 
 
 def test_other_url_schemes_are_refused(cache: Path) -> None:
     with pytest.raises(checkpoints.CheckpointError, match="only http:// and https://"):
-        checkpoints.local_model_file(f"ftp://example.org/{GOOD_NAME}")
+        downloads.local_model_file(f"ftp://example.org/{GOOD_NAME}")
 
 
 @pytest.mark.parametrize("model", ["runs/unet/best.pt", "/abs/tiny.pt", "model.onnx"])
 def test_local_path_is_returned_unchanged(server: Server, cache: Path, model: str) -> None:
-    assert checkpoints.local_model_file(model) == Path(model)
+    assert downloads.local_model_file(model) == Path(model)
     assert server.requests == []
     assert files_in(cache) == []
 
 
 def test_corrupted_cached_file_is_refused_with_its_path(server: Server, cache: Path) -> None:
     url = f"{server.url}/{GOOD_NAME}"
-    path = checkpoints.local_model_file(url, progress=False)
+    path = downloads.local_model_file(url, progress=False)
     path.write_bytes(PAYLOAD[:-1] + bytes([PAYLOAD[-1] ^ 1]))  # one bit flipped on disk
     with pytest.raises(checkpoints.CheckpointError, match="delete it") as error:
-        checkpoints.local_model_file(url, progress=False)
+        downloads.local_model_file(url, progress=False)
     assert str(path) in str(error.value)
     assert len(server.requests) == 1  # refused, not silently downloaded again

@@ -17,11 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import data
-import export
 import main
 import models
+from seglab import bench, checkpoints, export
 
 ODD_SIZES = [(250, 333), (301, 97), (1080, 1080), (5, 7)]
 
@@ -233,7 +232,6 @@ def test_predict_and_export_take_a_url(published, checkpoint_path, tmp_path):
 
 
 def test_benchmark_times_predict_in_pytorch_and_onnxruntime(monkeypatch):
-    import bench
 
     monkeypatch.setattr(bench, "DEMO_UNET", ("tiny UNet", 2, 4, 32))
     monkeypatch.setattr(bench, "FULL_FRAME", 90)

@@ -27,11 +27,9 @@ from unittest import mock
 import pytest
 from conftest import ROOT
 
-import cache
-import check
 import data
 import main
-import synthetic
+from seglab import cache, check, explore, synthetic
 
 FREE_TEXT = "free text"  # the kind of a flag without type or choices
 
@@ -61,7 +59,7 @@ def programs() -> dict[str, argparse.ArgumentParser]:
     """Each command-line program and its parser."""
     return {
         "main.py": main.build_parser(),
-        "data.py": data.build_parser(),
+        "data.py": explore.build_parser(),
         "cache.py": cache.build_parser(),
         "check.py": parser_of(check.main),
         "synthetic.py": parser_of(synthetic.main),

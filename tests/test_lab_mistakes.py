@@ -14,13 +14,12 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+import make_lab
 import pytest
 import test_lab
 from conftest import ROOT
 from lab_mistakes import MISTAKES, Mistake
 from test_lab import tiny_run  # noqa: F401 (the training run that Q13's and Q14's checks use)
-
-import make_lab
 
 
 def checks_of(question: int) -> list[Callable]:

@@ -18,6 +18,7 @@ from PIL import Image
 import data
 import main
 import models
+from seglab import checkpoints, flags
 
 TINY_MODEL = ["--num-blocks", "2", "--base-chan", "4", "--img-size", "32"]
 
@@ -144,7 +145,7 @@ def test_resume_takes_options_the_checkpoint_predates_from_the_command_line():
     args.resume = "runs/old/last.pt"
     saved = {**vars(main.build_parser().parse_args(["train", "--lr", "0.01"]))}
     del saved["func"], saved["jitter"]
-    restored = main.restore_args(args, {"args": saved})
+    restored = checkpoints.restore_args(args, {"args": saved})
     assert restored.jitter == 0.3 and restored.lr == 0.01 and restored.workers == 1
 
 
@@ -287,7 +288,7 @@ def test_a_run_saved_when_pretrained_was_a_switch_resumes():
     args = main.build_parser().parse_args(["train", "--resume", "runs/old/last.pt"])
     for saved, expected in ((False, "none"), (True, "imagenet")):
         saved_args = {"model": "lraspp_mobilenet_v3_large", "pretrained": saved, "workers": 2}
-        restored = main.restore_args(args, {"args": {**saved_args, "datadir": "data"}})
+        restored = checkpoints.restore_args(args, {"args": {**saved_args, "datadir": "data"}})
         assert restored.pretrained == expected
-        config = models.model_config(restored.model, 14, **main.model_options(restored))
+        config = models.model_config(restored.model, 14, **flags.model_options(restored))
         assert config["pretrained"] == expected

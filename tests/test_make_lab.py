@@ -17,11 +17,11 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
+import make_lab
 import pytest
 import torch
 from conftest import ROOT
 
-import make_lab
 import models
 import progress
 
@@ -539,7 +539,7 @@ def test_the_handout_covers_every_section():
     assert [h for h in found if h in headings] == headings
     facts = [
         "10,327", "15,714", "3,704", "13,268", "17,593", "9,890", "70,496", "#0D0D0D",
-        "33.67 %", "0.33 %", "venv", "conda", "synthetic.py", "python data.py show",
+        "33.67 %", "0.33 %", "venv", "conda", "synthetic.py", "python -m seglab.explore show",
         "TensorBoard", "torchrun", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
         "--pretrained", "torch.export", "ONNX", "focal", "Dice", "frames/s",
     ]  # fmt: skip
@@ -672,4 +672,4 @@ def test_the_time_plan_holds_the_measured_time_of_every_core_command():
     measured = dict(re.findall(r"^\| .+? \| `(.+?)` \| (\d+) s \|$", LAB_TEXT, re.MULTILINE))
     commands = lab_timing.CORE_COMMANDS + lab_timing.OPTIONAL_COMMANDS
     assert set(measured) == {lab_timing.shown(command) for _, command in commands}
-    assert "python make_lab.py --time" in LAB_TEXT
+    assert "python teacher/make_lab.py --time" in LAB_TEXT

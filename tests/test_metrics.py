@@ -22,9 +22,9 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
-import bench
 import data
 import metrics
+from seglab import bench
 
 K = data.NUM_CLASSES
 IGNORE = data.IGNORE_INDEX

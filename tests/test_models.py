@@ -20,9 +20,9 @@ from torchvision.models import (
     segmentation,
 )
 
-import checkpoints
 import data
 import models
+from seglab import checkpoints, downloads
 
 # Small enough to run forward and backward in milliseconds on a CPU.
 TINY_UNET = {"num_blocks": 2, "base_chan": 4}
@@ -240,7 +240,7 @@ def hash_checks(torch_cache, monkeypatch) -> list[tuple[Path, str]]:
     cannot hash to the published prefix, so the hash check only records what it was asked
     to check (its own tests are below, with files whose names carry their real hash)."""
     checked: list[tuple[Path, str]] = []
-    monkeypatch.setattr(models, "check_published_file", lambda *call: checked.append(call))
+    monkeypatch.setattr(downloads, "check_hash_prefix", lambda *call: checked.append(call))
     return checked
 
 
@@ -437,7 +437,7 @@ def test_a_poisoned_file_in_the_weights_cache_is_refused_unread(torch_cache, tmp
     cached = torch_cache / Path(urlparse(weights.url).path).name
     ran = tmp_path / "code-ran"
     torch.save({"payload": RunsCode(ran)}, cached)
-    with pytest.raises(models.WeightsError) as error:
+    with pytest.raises(downloads.DownloadError) as error:
         models.build_model("lraspp_mobilenet_v3_large", 14, pretrained="coco")
     message = str(error.value)
     assert f"refused to load {cached}" in message and "delete it" in message
@@ -460,7 +460,7 @@ def save_under_its_hash(state: dict, folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     draft = folder / "draft"
     torch.save(state, draft)
-    digest = checkpoints.file_sha256(draft)
+    digest = downloads.file_sha256(draft)
     return draft.rename(folder / f"{stem}-{digest[:8]}.pth")
 
 
@@ -472,7 +472,7 @@ def test_a_cached_file_that_matches_its_hash_loads_with_plain_data_only(torch_ca
     # Even a file whose name carries its own hash is read with weights_only=True.
     ran = tmp_path / "code-ran"
     poisoned = save_under_its_hash({"payload": RunsCode(ran)}, torch_cache, "poisoned")
-    with pytest.raises(models.WeightsError, match=f"refused to load {poisoned}") as error:
+    with pytest.raises(downloads.DownloadError, match=f"refused to load {poisoned}") as error:
         models.published_state(PublishedWeights(f"https://example.org/m/{poisoned.name}"))
     assert "weights_only" not in str(error.value) and not ran.exists()
 
@@ -483,5 +483,5 @@ def test_weights_that_cannot_be_downloaded_say_where_to_put_them(torch_cache, mo
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
     expected = torch_cache / Path(urlparse(ResNet50_Weights.IMAGENET1K_V1.url).path).name
-    with pytest.raises(models.WeightsError, match=f"no network.*copy that file to {expected}"):
+    with pytest.raises(downloads.DownloadError, match=f"no network.*copy that file to {expected}"):
         models.build_model("deeplabv3_resnet50", 14, pretrained="imagenet")

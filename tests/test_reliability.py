@@ -26,10 +26,10 @@ from conftest import ROOT
 from PIL import Image
 from test_main import train_args
 
-import checkpoints
 import data
 import main
 import models
+from seglab import checkpoints
 
 # 12 training frames (areas 1 and 2) in batches of 4.
 STEPS_PER_EPOCH = 3
@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, os.getcwd())
 import main
 import torch
+from seglab import check
 
 moment, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 
@@ -433,7 +434,7 @@ def test_bad_file_stops_training_with_one_line_naming_it(root_copy, tmp_path, ca
     assert "Traceback" not in err and "DataLoader worker" not in err
     [message] = error_lines(err)
     assert str(bad) in message
-    assert f"python check.py --datadir {root_copy}" in message and "--skip-bad" in message
+    assert f"python -m seglab.check --datadir {root_copy}" in message and "--skip-bad" in message
 
 
 def test_skip_bad_leaves_out_broken_and_unlabelled_frames_and_reports_them(

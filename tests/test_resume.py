@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT
 from test_main import train_args
 
-import checkpoints
 import main
+from seglab import checkpoints, runfolder
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-import checkpoints
-with checkpoints.RunFolderLock(Path(sys.argv[1])) as lock:
+from seglab import checkpoints
+with runfolder.RunFolderLock(Path(sys.argv[1])) as lock:
     lock.acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -156,7 +156,7 @@ def test_one_run_folder_one_process_and_a_kill_frees_it(finished_run, tmp_path, 
         holder.wait(timeout=60)
     assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").open()] == [1]
     # The kernel released the lock with the process: nothing stale is left.
-    with checkpoints.RunFolderLock(run_dir) as lock:
+    with runfolder.RunFolderLock(run_dir) as lock:
         lock.acquire()
         with pytest.raises(checkpoints.CheckpointError, match="in use by process"):
-            checkpoints.RunFolderLock(run_dir).acquire()
+            runfolder.RunFolderLock(run_dir).acquire()

@@ -1,4 +1,4 @@
-"""Command-line plumbing of main.py: help texts, argument types, and errors as one line.
+"""Command-line plumbing of every program: help texts, argument types, errors as one line.
 
 A user's mistake (a missing file, a wrong flag, a broken checkpoint) ends the program with
 `error: ...` on one line and exit status 2, never a traceback; a bug keeps its traceback.
@@ -14,6 +14,7 @@ import errno
 import functools
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-import models
-from data import LAB_STUB_MESSAGE  # the message of an unanswered question of the lab
+import data
+
+# The message of a stub in the students' version of the lab, as teacher/make_lab.py writes
+# it: "Qn: TASK in FILE, see LAB.md".
+LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
 
 # The exit status of a program ended by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_STATUS = 130
@@ -134,48 +138,17 @@ def folder_name(text: str) -> str:
 folder_name.bad_examples = ["", "a/b", "..", "."]
 
 
-def check_train_flags(
-    model: str, num_blocks: int | None, base_chan: int | None, loss: str, class_weights
-) -> None:
-    """Refuse flags of `train` that cannot work together: FlagError says which."""
-    if class_weights is not None and loss != "wce":
-        raise FlagError(
-            f"--class-weights is used by --loss wce only, not by --loss {loss}: "
-            "add --loss wce or leave --class-weights out"
-        )
-    if model == "unet":
-        check_unet_size(num_blocks, base_chan)
-
-
-def check_unet_size(num_blocks: int | None, base_chan: int | None) -> None:
-    """Refuse a UNet of more than MAX_UNET_PARAMETERS (counted without allocating them),
-    which would exhaust the memory before the first step."""
-    options = models.default_options("unet")
-    options.update({k: v for k, v in (("num_blocks", num_blocks), ("base_chan", base_chan)) if v})
-    try:
-        with torch.device("meta"):  # shapes only, no memory
-            model = models.build_unet(1, **options)
-    except NotImplementedError:
-        return  # the students' UNet is not written yet: the run names the question
-    count = sum(parameter.numel() for parameter in model.parameters())
-    if count > MAX_UNET_PARAMETERS:
-        raise FlagError(
-            f"--num-blocks {options['num_blocks']} with --base-chan {options['base_chan']} "
-            f"makes a UNet of {count / 1e6:,.0f} M parameters, more than the "
-            f"{MAX_UNET_PARAMETERS / 1e6:,.0f} M that fit in memory: lower one of them"
-        )
-
-
 class FlagError(Exception):
     """A flag that cannot work, or a file it names that cannot be used; the message says
     which and what to do."""
 
 
 def read_pixel_shares(path: str | Path, num_classes: int) -> list[float]:
-    """The `pixel_share` list of a `data.py histogram --out` file: `num_classes` finite,
-    non-negative numbers, not all zero. FlagError says what is wrong with it."""
+    """The `pixel_share` list of a `python -m seglab.explore histogram --out` file:
+    `num_classes` finite, non-negative numbers, not all zero. FlagError says what is wrong
+    with it."""
     prefix = f"--class-weights {path}"
-    fix = "write it with `python data.py histogram --out FILE`"
+    fix = "write it with `python -m seglab.explore histogram --out FILE`"
     try:
         content = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -270,6 +243,19 @@ class InputsAction(argparse.Action):
                 self, f"expected rgb, or rgb and more, each once, got {' '.join(values)!r}"
             )
         setattr(namespace, self.dest, [name for name in self.choices if name in values])
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--datadir and --areas, as every data command spells them."""
+    parser.add_argument(
+        "--datadir",
+        default=data.default_datadir(),
+        help=f"2D-3D-S root or cache (default: ${data.DATADIR_VARIABLE}, else "
+        f"{data.DEFAULT_DATADIR})",
+    )
+    parser.add_argument(
+        "--areas", nargs="+", default=None, help='areas, e.g. 1 2 5a ("5" = 5a 5b); all'
+    )
 
 
 def error_message(error: Exception) -> str:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import preemption
+import data
+from seglab import preemption
 
 
 def frame_seed(seed: int, epoch: int, index: int) -> int:
@@ -93,18 +94,9 @@ def training_loader(
     rank = dist.get_rank() if distributed else 0
     world_size = dist.get_world_size() if distributed else 1
     sampler = ResumableSampler(len(frames), batch_size, seed, rank, world_size)
-    return DataLoader(
-        SeededFrames(frames),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
-        # Its own generator for the workers' base seeds (unused: SeededFrames seeds each
-        # frame), so that starting an epoch draws nothing from the training process's.
-        generator=torch.Generator().manual_seed(seed),
+    # SeededFrames seeds each frame's augmentations itself: the workers' seeds are unused.
+    return data.make_loader(
+        SeededFrames(frames), batch_size, workers, pin_memory, ignore_stop_signals, sampler, seed
     )
 
 
@@ -200,3 +192,14 @@ def non_finite_summary(state: dict) -> str:
 
 def mean_or_nan(total: float, count: int) -> float:
     return total / count if count else math.nan
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, run) -> None:
+    """Data order and augmentations depend only on (seed, epoch), so that a resumed run
+    sees the same batches as an uninterrupted one; a run stopped in the middle of the epoch
+    continues at its batch, with its random states (`run` is main.Run)."""
+    torch.manual_seed(seed)
+    loader.sampler.set_epoch(epoch, run.batches_done)
+    if run.random_states is not None:
+        restore_random_states(run.random_states)
+        run.random_states = None

@@ -4,7 +4,7 @@ The real data set is 110 GB; this generator writes a small tree with the same la
 same file names and the same 24-bit label encoding, so that every script, test and demo of
 the project runs without it:
 
-    python synthetic.py --out data/synthetic --images-per-area 24 --size 256
+    python -m seglab.synthetic --out data/synthetic --images-per-area 24 --size 256
 
 Each room is a box with walls, floor and ceiling, furnished with doors, windows, boards,
 bookcases, columns, beams, tables, chairs, sofas and clutter. A pinhole camera looks at it
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import AREAS, LABELS_FILE, DataError, Frame
+from seglab import cli
 
 ROOM_TYPES = ("office", "office", "office", "hallway", "conferenceRoom", "storage", "WC", "lounge")
 NO_DATA_COLOR = (13, 13, 13)  # #0D0D0D, index 855,309: past the end of the label list
@@ -646,14 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images_per_area < 1 or args.size < 16:
         parser.error("--images-per-area must be >= 1 and --size >= 16")
-    try:
-        generate(args.out, args.areas, args.images_per_area, args.size, args.seed)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a folder that cannot be made, a full disk
-        print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
+    return cli.run(write_tree, args, (DataError,))
+
+
+def write_tree(args: argparse.Namespace) -> int:
+    generate(args.out, args.areas, args.images_per_area, args.size, args.seed)
     print(f"wrote {args.out}")
     return 0
 

@@ -7,13 +7,16 @@ mistake ends with one `error:` line before anything runs or is written.
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections.abc import Callable
 
-import cli
+import torch
+
 import data
-import depth
 import losses
 import models
+from seglab import cli, depth, devices
 
 
 def build_parser(
@@ -97,7 +100,7 @@ def build_parser(
         "--class-weights",
         type=cli.pixel_shares_file(data.NUM_CLASSES),
         default=None,
-        help="wce: pixel shares from `data.py histogram --out`",
+        help="wce: pixel shares from `python -m seglab.explore histogram --out`",
     )
     add("--epochs", type=cli.int_range(1), default=30, help="passes over the training set")
     add("--batch-size", type=cli.int_range(1), default=8, help="frames per step (per process)")
@@ -283,3 +286,76 @@ def train_parser_of(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `train` subcommand's parser."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices["train"]
+
+
+def check_train_flags(
+    model: str, num_blocks: int | None, base_chan: int | None, loss: str, class_weights
+) -> None:
+    """Refuse flags of `train` that cannot work together: FlagError says which."""
+    if class_weights is not None and loss != "wce":
+        raise cli.FlagError(
+            f"--class-weights is used by --loss wce only, not by --loss {loss}: "
+            "add --loss wce or leave --class-weights out"
+        )
+    if model == "unet":
+        check_unet_size(num_blocks, base_chan)
+
+
+def check_unet_size(num_blocks: int | None, base_chan: int | None) -> None:
+    """Refuse a UNet of more than cli.MAX_UNET_PARAMETERS (counted without allocating them),
+    which would exhaust the memory before the first step."""
+    options = models.default_options("unet")
+    options.update({k: v for k, v in (("num_blocks", num_blocks), ("base_chan", base_chan)) if v})
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            model = models.build_unet(1, **options)
+    except NotImplementedError:
+        return  # the students' UNet is not written yet: the run names the question
+    count = sum(parameter.numel() for parameter in model.parameters())
+    if count > cli.MAX_UNET_PARAMETERS:
+        raise cli.FlagError(
+            f"--num-blocks {options['num_blocks']} with --base-chan {options['base_chan']} "
+            f"makes a UNet of {count / 1e6:,.0f} M parameters, more than the "
+            f"{cli.MAX_UNET_PARAMETERS / 1e6:,.0f} M that fit in memory: lower one of them"
+        )
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The command-line values of the options that model `args.model` has (its builder's
+    keyword arguments in models.py, e.g. num_blocks and base_chan for the UNet)."""
+    names = models.default_options(args.model)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The flags of main.py's command line `argv`, checked; for `train`, also the flags the
+    command line sets (`args.given`, which a resumed run checks) and the run's name."""
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.resume is None:  # a resumed run has its own flags
+        try:
+            check_train_flags(
+                args.model, args.num_blocks, args.base_chan, args.loss, args.class_weights
+            )
+        except cli.FlagError as error:
+            parser.error(str(error))  # exit status 2, like any flag argparse refuses
+    if args.command == "train":
+        # What the command line sets, apart from the defaults: a resumed run checks it.
+        args.given = cli.given_options(train_parser_of(parser), argv[1:]) - {"func"}
+        if args.name is None and args.resume != "auto":
+            args.name = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+def settle_train_defaults(args: argparse.Namespace) -> torch.device:
+    """Fill in the flags whose default depends on the machine or the fold, in `args`; return
+    the device to train on."""
+    args.datadir = args.datadir or data.default_datadir()
+    args.areas = args.areas or list(data.FOLDS[args.fold or 1][0])  # fold 1 by default
+    args.workers = 2 if args.workers is None else args.workers
+    device = devices.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower on
+    # others: opt in with --amp after `python -m seglab.bench` says it pays.
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    return device

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -118,3 +120,34 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's random generators (numpy's is not used)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def loss_scaler(device: torch.device, float16: bool) -> torch.amp.GradScaler:
+    """The loss scaler: with float16 it keeps small gradients from vanishing (a dynamic
+    scale); in every precision it skips, on the device, a step whose gradients are not
+    finite, so that the step never waits for the host to decide."""
+    if float16:
+        return torch.amp.GradScaler(device.type)
+    # A fixed scale of 1: a backoff factor that rounds to 1 in float32, no growth.
+    return torch.amp.GradScaler(
+        device.type, init_scale=1.0, backoff_factor=1 - 1e-9, growth_interval=2**31 - 1
+    )
+
+
+def run_with_peers(run_command: Callable[[], int]) -> int:
+    """`run_command()`, its exit status; under torchrun, a collective that fails because
+    another process ended ends this one with one line, and the process group is closed."""
+    try:
+        return run_command()
+    except RuntimeError as error:
+        if not lost_a_peer(error):
+            raise
+        # One line, not a traceback per process: the process that failed printed why.
+        print(
+            f"error: process {dist.get_rank()} stopped: another process ended (see its message)",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,12 +1,12 @@
 """Write the students' version of the lab from this solution.
 
-    python make_lab.py --out ../segmentation-lab-student            # stubs in place of answers
-    python make_lab.py --out ../segmentation-lab-solution --solution  # the answers, markers removed
-    python make_lab.py --out ../student --give Q4 Q9                # Q4 and Q9 given solved
-    python make_lab.py --list                                         # the marked regions
-    python make_lab.py --time                                         # time the core commands
+    python teacher/make_lab.py --out ../lab-student             # stubs in place of answers
+    python teacher/make_lab.py --out ../lab-solution --solution   # the answers, markers removed
+    python teacher/make_lab.py --out ../student --give Q4 Q9      # Q4 and Q9 given solved
+    python teacher/make_lab.py --list                             # the marked regions
+    python teacher/make_lab.py --time                             # time the core commands
 
-The teacher edits only the solution (this folder); the student version is generated, never
+The teacher edits only the solution (the project folder); the student version is generated, never
 edited by hand. The lab's six scripts mark their exercises with two comment lines:
 
     def decode_semantic(semantic_rgb, label_table):
@@ -31,13 +31,14 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
 - ``--give Q4 Q9`` keeps the answers of the questions named (their markers removed), for a
   session too short for all of them.
 
-The bundle holds the six scripts, the machinery they import (cache.py, check.py,
-checkpoints.py, cli.py, depth.py, devices.py, export.py), LAB.md, README.md, the setup files
+The bundle holds the six scripts, progress.py, the package seglab/ (the machinery they
+import, the synthetic data and the benchmark), LAB.md, README.md, the setup files
 (requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
-synthetic.py, bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml
-and the self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it,
-and its `bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide
-TEACHER.md (in the solution bundle only), figures.py and this script are left out, and so are
+docs/ (the handout's figures among them), slurm/, pyproject.toml and the self-checks
+(tests/conftest.py, tests/test_lab.py): the README's commands work in it, and its
+`bash test.sh` runs every self-check. The teacher-side tests and teacher/ (this script,
+figures.py, lab_timing.py; the teacher's guide TEACHER.md goes in the solution bundle
+only) are left out, and so are
 the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
 line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the
 files of the bundle are replaced and everything else in DIR (a student's data/ or runs/, say)
@@ -60,7 +61,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # make_lab.py is in teacher/
 
 # The scripts whose marked regions are replaced by stubs.
 SOLUTION_FILES: tuple[str, ...] = (
@@ -71,21 +72,37 @@ SOLUTION_FILES: tuple[str, ...] = (
     "main.py",
     "utils.py",
 )
-# The figures of LAB.md, docs/lab/NAME.png, written by `python figures.py`.
+# The figures of LAB.md, docs/lab/NAME.png, written by `python teacher/figures.py`.
 LAB_FIGURES: tuple[str, ...] = ("sample", "unet", "curves", "predictions", "confusion")
 # Files copied as they are; a marker in one of them is an error. The machinery modules come
 # first: the lab's scripts import them, the handout never sends a student into them.
 COPIED_FILES: tuple[str, ...] = (
-    "cache.py",
-    "check.py",
-    "checkpoints.py",
-    "cli.py",
-    "depth.py",
-    "devices.py",
-    "export.py",
-    "flags.py",
-    "preemption.py",
-    "runstate.py",
+    "progress.py",
+    *(
+        f"seglab/{name}.py"
+        for name in (
+            "__init__",
+            "bench",
+            "cache",
+            "check",
+            "checkpoints",
+            "cli",
+            "depth",
+            "devices",
+            "downloads",
+            "evaluation",
+            "explore",
+            "export",
+            "flags",
+            "inference",
+            "pngfiles",
+            "preemption",
+            "runfolder",
+            "runstate",
+            "synthetic",
+            "tensorboard_log",
+        )
+    ),
     "LAB.md",
     "README.md",
     "requirements.txt",
@@ -98,12 +115,9 @@ COPIED_FILES: tuple[str, ...] = (
     "slurm/one_node.sbatch",
     "slurm/several_nodes.sbatch",
     ".gitignore",
-    "bench.py",
-    "progress.py",
     "docs/benchmark.md",
     "docs/demo.png",
     *(f"docs/lab/{name}.png" for name in LAB_FIGURES),
-    "synthetic.py",
     "pyproject.toml",
     "tests/conftest.py",
     "tests/test_lab.py",
@@ -113,7 +127,7 @@ BINARY_FILES: frozenset[str] = frozenset(name for name in COPIED_FILES if name.e
 # Copied when present: the bundle is still complete without them.
 OPTIONAL_FILES: frozenset[str] = frozenset({"README.md"})
 # The teacher's guide: in the solution bundle, never in the students'.
-TEACHER_FILES: tuple[str, ...] = ("TEACHER.md",)
+TEACHER_FILES: tuple[str, ...] = ("teacher/TEACHER.md",)
 # Lines of README.md for the teacher only (see the top of this file).
 TEACHER_LINE = "<!-- teacher -->"
 TEACHER_BLOCK_END = "<!-- /teacher -->"
@@ -392,7 +406,7 @@ def time_the_lab(source: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write the student (or solution) bundle of the lab from this solution.",
-        epilog="The marker syntax is described at the top of make_lab.py.",
+        epilog="The marker syntax is described at the top of teacher/make_lab.py.",
     )
     parser.add_argument("--out", help="directory to write the bundle to (outside this folder)")
     parser.add_argument(
@@ -412,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         help="time every core command of the lab in a bundle with all answers given, and exit",
     )
     parser.add_argument(
-        "--source", default=str(PROJECT_ROOT), help="the solution folder (default: this one)"
+        "--source",
+        default=str(PROJECT_ROOT),
+        help="the solution folder (default: the project folder)",
     )
     args = parser.parse_args(argv)
     source = Path(args.source)

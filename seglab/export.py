@@ -25,6 +25,8 @@ import torch
 
 import data
 import models
+from seglab import checkpoints, depth, downloads
+from seglab.devices import UsageError
 
 ONNX_OPSET = 18  # the first opset whose Resize has `antialias`, used by the image resize
 METADATA_FORMAT = "segmentation-lab-onnx/1"
@@ -149,3 +151,28 @@ def read_onnx_metadata(session) -> dict:
             f"the ONNX model has the classes {metadata['classes']}, not {list(data.CLASSES)}"
         )
     return metadata
+
+
+def export_checkpoint(model: str, out: Path) -> None:
+    """The `export` command: the model of the checkpoint `model` (a path or a URL) as ONNX
+    (.onnx) or torch.export (.pt2) in `out`."""
+    if out.suffix not in (".onnx", ".pt2"):
+        raise UsageError(f"--out {out}: name an .onnx or a .pt2 file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    model_file = downloads.local_model_file(model)
+    checkpoint = checkpoints.load_checkpoint(model_file)
+    if depth.uses_depth(checkpoint.get("inputs", ["rgb"])):
+        raise UsageError(
+            f"{model} was trained with depth; export writes RGB models only (run it "
+            "with `main.py predict`)"
+        )
+    network = checkpoints.model_from_checkpoint(checkpoint, model_file)
+    segmenter = models.Segmenter(network, checkpoint["img_size"])
+    if out.suffix == ".onnx":
+        export_onnx(segmenter, checkpoint, out)
+    else:
+        export_program(segmenter, out)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images of any size in, logits out"
+    )

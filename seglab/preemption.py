@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from seglab import devices
 
 # Exit status of a run that stopped on request after saving its checkpoint: resume it.
 # (75 is EX_TEMPFAIL of sysexits.h, "temporary failure, try again later".)
@@ -72,3 +75,17 @@ class StopRequests:
         if self.received is None:
             return "another process received a stop signal"
         return f"received {signal.Signals(self.received).name}"
+
+
+def stopped_on_request(run, run_dir: Path, stop: StopRequests, writer) -> int:
+    """The last words of a run stopped by a signal, its position saved: exit status
+    EXIT_RESUMABLE (`run` is main.Run, `writer` its SummaryWriter or None)."""
+    if writer is not None:
+        writer.close()
+    if devices.is_main_process():
+        print(
+            f"stopped ({stop.describe()}) at epoch {run.epoch + 1}, batch {run.batches_done}: "
+            f"resumable, continue with --resume {run_dir / 'last.pt'} (exit status "
+            f"{EXIT_RESUMABLE})"
+        )
+    return EXIT_RESUMABLE

@@ -1,5 +1,5 @@
 """The machine time of the lab: every command of its core, timed in a student bundle with
-every answer given (`python make_lab.py --time`).
+every answer given (`python teacher/make_lab.py --time`).
 
 The commands are those of LAB.md, in its order, run one after the other in a temporary
 folder with the interpreter running this script; the table printed at the end (Markdown) is
@@ -22,11 +22,17 @@ DATA = "data/synthetic"
 RUN = "runs/unet-small/best.pt"
 # (part of LAB.md, command). "CHECK n" is the self-check of question n.
 CORE_COMMANDS: list[tuple[str, str]] = [
-    ("Setup", f"synthetic.py --out {DATA} --images-per-area 40 --size 160"),
+    ("Setup", f"-m seglab.synthetic --out {DATA} --images-per-area 40 --size 160"),
     ("Data exploration", "CHECK 1"),
     ("Data exploration", "CHECK 2"),
-    ("Data exploration", f"data.py show --datadir {DATA} --areas 3 --index 0 --out sample.png"),
-    ("Data exploration", f"data.py histogram --datadir {DATA} --areas 1 2 --out hist.json"),
+    (
+        "Data exploration",
+        f"-m seglab.explore show --datadir {DATA} --areas 3 --index 0 --out sample.png",
+    ),
+    (
+        "Data exploration",
+        f"-m seglab.explore histogram --datadir {DATA} --areas 1 2 --out hist.json",
+    ),
     ("Data exploration", "CHECK 3"),
     ("Data pipeline and augmentation", "CHECK 4"),
     ("The UNet", "CHECK 5"),

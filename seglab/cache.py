@@ -12,9 +12,8 @@ PNGs needs many cores to keep a GPU busy. This module decodes every frame once, 
 A cache directory then works as a --datadir of main.py: `open_dataset` finds cache.json and
 returns a CachedDataset, whose samples equal the raw ones at size S.
 
-    python cache.py write --datadir ROOT --out CACHE --size 256 --workers 8 [--depth]
-    python cache.py show --datadir CACHE --index 3          (data.py's show and histogram,
-    python cache.py histogram --datadir CACHE                on a cache or a raw root)
+    python -m seglab.cache write --datadir ROOT --out CACHE --size 256 --workers 8 [--depth]
+    python -m seglab.explore show --datadir CACHE --index 3      (a cache or a raw root)
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-import checkpoints
 import data
-import depth
 from data import DataError
+from seglab import checkpoints, cli, depth
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = "stanford2d3ds-decoded-cache"
@@ -51,7 +49,7 @@ CACHE_MASKS = "masks.uint8"
 
 def rebuild_hint(manifest: dict, cache_root: Path) -> str:
     return (
-        f"rebuild it: python cache.py write --datadir {manifest.get('source_root', 'ROOT')} "
+        f"rebuild it: python -m seglab.cache write --datadir {manifest.get('source_root', 'ROOT')} "
         f"--out {cache_root} --size {manifest.get('size', 'PX')}"
     )
 
@@ -70,7 +68,7 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read the cache manifest {path}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path} is not a manifest written by `python cache.py write`")
+        raise DataError(f"{path} is not a manifest written by `python -m seglab.cache write`")
     if manifest.get("version") != CACHE_VERSION:
         raise DataError(
             f"the cache {cache_root} has format version {manifest.get('version')}, this code "
@@ -117,12 +115,12 @@ def check_cache_files(
             found = "is missing" if actual is None else f"has {actual:,} bytes"
             raise DataError(
                 f"{path} {found}, expected {expected:,} ({num_frames} frames of {size}x{size}): "
-                f"the cache is truncated or damaged; rebuild it with python cache.py write"
+                f"the cache is truncated or damaged; rebuild it with python -m seglab.cache write"
             )
 
 
 class CachedDataset(Dataset):
-    """Frames of a cache written by `python cache.py write`, read like a StanfordDataset.
+    """Frames of a cache written by `python -m seglab.cache write`, read like a StanfordDataset.
 
     `ds[i]` is `(image (3, S, S) uint8, mask (S, S) uint8)` at the cached size S, equal to
     `data.StanfordDataset(source_root, areas, data.eval_transforms(S))[i]`; `ds.frames[i]`
@@ -174,7 +172,7 @@ class CachedDataset(Dataset):
         def not_found(area: str) -> str:
             return (
                 f"area {area!r} is not in the cache {self.root} (cached areas: "
-                f"{', '.join(cached)}); add it with python cache.py write --areas ..."
+                f"{', '.join(cached)}); add it with python -m seglab.cache write --areas ..."
             )
 
         return data.match_areas(areas, cached, not_found)
@@ -249,8 +247,8 @@ def open_dataset(
         return dataset
     if any(root.glob(f"area_*/{CACHE_IMAGES}")):
         raise DataError(
-            f"{root} is an unfinished cache (it has no {CACHE_MANIFEST}): its `python cache.py "
-            "write` run was interrupted; run it again"
+            f"{root} is an unfinished cache (it has no {CACHE_MANIFEST}): its "
+            "`python -m seglab.cache write` run was interrupted; run it again"
         )
     if depth.uses_depth(inputs):
         return depth.DepthDataset(root, areas, transforms, skip_bad)
@@ -353,7 +351,7 @@ def write_cache(
         ):
             frame = source.frames[index]
             if error and not skip_bad:
-                raise DataError(f"{error} (find every such frame with `python check.py`)")
+                raise DataError(f"{error} (find every such frame with `python -m seglab.check`)")
             if error:
                 print(f"warning: leaving out {error}", file=sys.stderr)
                 skipped.append(str(frame.rgb_path))
@@ -408,7 +406,7 @@ def int_at_least(minimum: int):
     return parse
 
 
-def command_write(args: argparse.Namespace) -> None:
+def command_write(args: argparse.Namespace) -> int:
     manifest = write_cache(
         args.datadir, args.out, args.size, args.areas, args.workers, args.skip_bad,
         with_depth=args.depth,
@@ -424,13 +422,14 @@ def command_write(args: argparse.Namespace) -> None:
     inputs = " --inputs rgb depth" if args.depth else ""
     command = f"python main.py train --datadir {args.out} --img-size {args.size}{inputs}"
     print(f"train on it with: {command}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="decode every frame once, resized, into a cache")
-    data.add_data_arguments(write)
+    cli.add_data_arguments(write)
     write.add_argument("--out", required=True, help="cache directory to write (new or a cache)")
     write.add_argument(
         "--size", type=int_at_least(1), default=256, help="frame side in px (default 256)"
@@ -442,26 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument(
         "--depth", action="store_true", help="also store depth (for main.py --inputs rgb depth)"
     )
-    for name in ("show", "histogram"):
-        commands.add_parser(name, help=f"`python data.py {name}`, on a cache too", add_help=False)
     return parser
 
 
-@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("show", "histogram"):
-        return data.main(argv, open_dataset=open_dataset)  # data.py's commands, caches read
     args = build_parser().parse_args(argv)
-    try:
-        command_write(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a folder that cannot be made, a full disk
-        print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(command_write, args, (DataError,))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """How fast the data pipeline, the metrics and the models run on this machine.
 
-    python bench.py                   # synthetic 1080x1080 frames, a few minutes
-    python bench.py --quick           # fewer frames and shorter timings
-    python bench.py --datadir D       # real 2D-3D-S frames (a sample of --frames of them)
+    python -m seglab.bench                   # synthetic 1080x1080 frames, a few minutes
+    python -m seglab.bench --quick           # fewer frames and shorter timings
+    python -m seglab.bench --datadir D       # real 2D-3D-S frames (a sample of --frames of them)
 
 One table, grouped; each group's first row is its reference and the last column is the
 speed-up over it:
@@ -49,13 +49,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_png
 
-import cache
 import data
-import devices
-import export
 import losses
 import metrics
 import models
+from seglab import cache, cli, devices, export
 
 # (name, num_blocks, base_chan, img_size) of the two UNets of the project.
 DEMO_UNET = ("demo UNet (3 blocks, base 16)", 3, 16, 128)
@@ -497,8 +495,7 @@ def training_loop_step(
     training loop itself, main.train_one_epoch, on the demo UNet in float32 with the
     default --log-every, over `steps` batches held in memory."""
     import main
-    import preemption
-    import runstate
+    from seglab import preemption, runstate
 
     _, num_blocks, base_chan, img_size = DEMO_UNET
     torch.manual_seed(0)
@@ -767,9 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return cli.run(run_benchmark, args, ())
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Time everything `args` asks for and print the table."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device here; use --device cpu")
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         workdir = Path(workdir)
         if args.datadir is None:
-            import synthetic
+            from seglab import synthetic
 
             print(f"making {num_frames} synthetic {FULL_FRAME}px frames", file=sys.stderr)
             root = workdir / "data"

@@ -1,6 +1,6 @@
 """Check every file of a Stanford 2D-3D-S tree before a long run: one line per problem.
 
-    python check.py --datadir ROOT [--areas 1 2]
+    python -m seglab.check --datadir ROOT [--areas 1 2]
 
 A problem is a PNG that does not decode whole (damaged, cut short, not a PNG, too large), a
 semantic PNG that is not 8-bit RGB (a grayscale or palette copy has lost its labels), an rgb
@@ -9,6 +9,9 @@ an area without a single labelled pixel. An empty or malformed label list is an 
 The exit status is 0 when nothing was found, 1 otherwise. Each PNG is decoded completely
 with Pillow, which raises on a broken compressed stream that passes the checksums, where
 torchvision's decoder would crash the process.
+
+Also the checks training makes of its data set: a labelled pixel somewhere, and the frames
+left out with --skip-bad.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 import data
 from data import DataError, Frame
+from seglab import cli, devices
 
 
 def decoded_png(path: Path, labels: bool = False) -> np.ndarray:
@@ -101,20 +105,18 @@ def find_problems(
     return len(frames), problems
 
 
-@data.stops_at_unanswered_questions
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    data.add_data_arguments(parser)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter
+    )
+    cli.add_data_arguments(parser)
     args = parser.parse_args(argv)
-    root = Path(args.datadir)
-    try:
-        num_frames, problems = find_problems(root, args.areas)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+    return cli.run(report_problems, args, (DataError,))
+
+
+def report_problems(args: argparse.Namespace) -> int:
+    """Print every problem found under `args.datadir`; exit status 1 when there is one."""
+    num_frames, problems = find_problems(Path(args.datadir), args.areas)
     for problem in problems:
         print(problem)
     print(f"checked {num_frames} frames: {len(problems)} problem(s)")
@@ -123,3 +125,42 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def report_skipped_frames(*subsets) -> None:
+    """List the files of the frames left out so far (--skip-bad), each once: without
+    --val-areas the training and validation sets share their files. A cache has none."""
+    bad = dict.fromkeys(
+        path
+        for subset in subsets
+        if isinstance(subset.dataset, data.StanfordDataset)
+        for path in subset.dataset.bad_paths()
+    )
+    if bad and devices.is_main_process():
+        print(f"skipped {len(bad)} frame(s) with an unreadable or missing file so far:")
+        for path in bad:
+            print(f"  {path}")
+
+
+def require_labelled_pixels(
+    dataset: torch.utils.data.Dataset, indices: list[int], what: str
+) -> None:
+    """DataError unless some frame `indices` of `dataset` has a labelled (not <UNK>) pixel.
+
+    Stops at the first such frame, so a usable data set costs one frame; a set without any
+    label would train to a loss of 0 and score nothing.
+    """
+    unreadable = []
+    for index in indices:
+        try:
+            if dataset.label_mask(index).any():
+                return
+        except DataError as error:
+            unreadable.append(error)  # the loader names it, or skips it with --skip-bad
+    if unreadable:
+        raise unreadable[0]
+    raise DataError(
+        f"the {len(indices)} {what} frames have no labelled pixel: every pixel decodes to "
+        f"<UNK>; check the label list {data.LABELS_FILE} and the semantic PNGs with "
+        "`python -m seglab.check`"
+    )

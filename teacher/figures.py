@@ -1,9 +1,9 @@
 """The figures of LAB.md, made by the project's own code from synthetic data.
 
-    python figures.py        # docs/lab/{sample,unet,curves,predictions,confusion}.png
+    python teacher/figures.py        # docs/lab/{sample,unet,curves,predictions,confusion}.png
 
 One command, a few minutes on 2 CPU cores: it writes a small synthetic data set (the lab's
-own, 160 px), draws one frame with its labels (`python data.py show`), draws the handout's
+own, 160 px), draws one frame with its labels (`python -m seglab.explore show`), draws the handout's
 UNet with the tensor shapes of a real forward pass, trains the small UNet of Q13 for a few
 epochs (`python main.py train`), plots its curves from `metrics.jsonl`, segments test
 frames with its best checkpoint, and keeps the confusion matrix of `python main.py test`.
@@ -22,21 +22,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
+# The project's root, whose modules this script draws with.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import checkpoints  # noqa: E402
 import data  # noqa: E402
 import main  # noqa: E402
 import models  # noqa: E402
-import synthetic  # noqa: E402
 import utils  # noqa: E402
+from seglab import checkpoints, explore, synthetic  # noqa: E402
 
-FIGURES_DIR = Path(__file__).resolve().parent / "docs" / "lab"
+FIGURES_DIR = Path(__file__).resolve().parents[1] / "docs" / "lab"
 DPI = 80  # small files: the pictures ship in every student bundle
 # The training of Q13, shortened to a few epochs on the lab's synthetic data.
 TRAIN_AREAS, VAL_AREA, TEST_AREA = ["1", "2", "3", "4", "6"], "5a", "5b"
@@ -57,11 +59,12 @@ def quietly(command: list[str]) -> None:
 
 
 def sample_figure(datadir: Path, out: Path) -> None:
-    """A frame and its colorized labels with the legend, as `python data.py show` draws it."""
+    """A frame and its colorized labels with the legend, as `python -m seglab.explore show`
+    draws it."""
     with contextlib.redirect_stdout(io.StringIO()):
-        code = data.main(["show", "--datadir", str(datadir), "--areas", "3", "--out", str(out)])
+        code = explore.main(["show", "--datadir", str(datadir), "--areas", "3", "--out", str(out)])
     if code != 0:
-        sys.exit("python data.py show failed")
+        sys.exit("python -m seglab.explore show failed")
 
 
 def unet_stages(model: nn.Module, size: int) -> tuple[list[tuple], list[tuple], tuple, tuple]:
