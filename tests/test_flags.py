@@ -18,6 +18,7 @@ exit status and stderr are those a user sees.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,7 +28,6 @@ from unittest import mock
 import pytest
 from conftest import ROOT
 
-import data
 import main
 from seglab import cache, check, explore, synthetic
 
@@ -59,10 +59,10 @@ def programs() -> dict[str, argparse.ArgumentParser]:
     """Each command-line program and its parser."""
     return {
         "main.py": main.build_parser(),
-        "data.py": explore.build_parser(),
-        "cache.py": cache.build_parser(),
-        "check.py": parser_of(check.main),
-        "synthetic.py": parser_of(synthetic.main),
+        "seglab.explore": explore.build_parser(),
+        "seglab.cache": cache.build_parser(),
+        "seglab.check": parser_of(check.main),
+        "seglab.synthetic": parser_of(synthetic.main),
     }
 
 
@@ -136,7 +136,7 @@ def assert_one_error_line(stderr: str) -> str:
 
 def test_every_command_has_flags_to_walk():
     walked = {program: len(list(commands(parser))) for program, parser in programs().items()}
-    assert walked["main.py"] >= 4 and walked["data.py"] == 2
+    assert walked["main.py"] >= 4 and walked["seglab.explore"] == 2
     assert len(parse_time_cases()) > 60
 
 
@@ -183,9 +183,12 @@ def test_the_values_once_met_with_a_traceback_are_refused_as_parsed(bad, capsys)
 
 
 def run_program(program: str, argv: list[str], cwd: Path) -> subprocess.Popen:
+    """`python main.py ARGV` or `python -m seglab.MODULE ARGV`, run in `cwd`."""
+    script = [str(ROOT / program)] if program.endswith(".py") else ["-m", program]
     return subprocess.Popen(
-        [sys.executable, str(ROOT / program), *argv],
+        [sys.executable, *script, *argv],
         cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,10 +198,10 @@ def run_program(program: str, argv: list[str], cwd: Path) -> subprocess.Popen:
 REPRESENTATIVE = [
     ("main.py", ["train", "--batch-size", "0"], "--batch-size"),
     ("main.py", ["train", "--num-blocks", "6", "--base-chan", "256"], "M parameters"),
-    ("data.py", ["show", "--index", "abc"], "--index"),
-    ("cache.py", ["write", "--out", "c", "--size", "0"], "--size"),
-    ("check.py", ["--areas"], "--areas"),
-    ("synthetic.py", ["--out", "s", "--size", "5"], "--size"),
+    ("seglab.explore", ["show", "--index", "abc"], "--index"),
+    ("seglab.cache", ["write", "--out", "c", "--size", "0"], "--size"),
+    ("seglab.check", ["--areas"], "--areas"),
+    ("seglab.synthetic", ["--out", "s", "--size", "5"], "--size"),
 ]
 
 
@@ -225,10 +228,10 @@ def test_representative_bad_flags_in_real_processes(tmp_path):
 # runs fast and well on the tiny data set (the walk then spoils one of them).
 RUNNERS: dict[str, Callable[[list[str]], int]] = {
     "main.py": main.main,
-    "data.py": data.main,
-    "cache.py": cache.main,
-    "check.py": check.main,
-    "synthetic.py": synthetic.main,
+    "seglab.explore": explore.main,
+    "seglab.cache": cache.main,
+    "seglab.check": check.main,
+    "seglab.synthetic": synthetic.main,
 }
 
 
@@ -252,17 +255,17 @@ def valid_arguments(
             "--device", "cpu",
         ],
         ("main.py", "export"): ["--model", str(model), "--out", str(work / "model.pt2")],
-        ("data.py", "show"): [
+        ("seglab.explore", "show"): [
             "--datadir", str(root), "--areas", "5a", "--out", str(work / "show.png"),
         ],
-        ("data.py", "histogram"): [
+        ("seglab.explore", "histogram"): [
             "--datadir", str(root), "--areas", "5a", "--out", str(work / "hist.json"),
         ],
-        ("cache.py", "write"): [
+        ("seglab.cache", "write"): [
             "--datadir", str(root), "--areas", "5a", "--out", str(work / "cache"), "--size", "16",
         ],
-        ("check.py",): ["--datadir", str(root), "--areas", "5a"],
-        ("synthetic.py",): [
+        ("seglab.check",): ["--datadir", str(root), "--areas", "5a"],
+        ("seglab.synthetic",): [
             "--out", str(work / "synthetic"), "--areas", "1", "--images-per-area", "1",
             "--size", "16",
         ],

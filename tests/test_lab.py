@@ -38,7 +38,7 @@ import losses
 import main
 import metrics
 import models
-from seglab import export
+from seglab import explore, export
 
 CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
 STUB_MESSAGE = re.compile(r"^Q(?P<number>\d+): (?P<task>.*)$", re.DOTALL)
@@ -314,7 +314,7 @@ def test_q02_transforms_move_image_and_mask_together(synthetic_root):
 def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, capsys):
     picture = tmp_path / "sample.png"
     args = ["show", "--datadir", str(synthetic_root), "--areas", "1", "--out", str(picture)]
-    run_command(args, "python -m seglab.explore show", data.main)
+    run_command(args, "python -m seglab.explore show", explore.main)
     printed = capsys.readouterr().out
     for expected in ("(3, 64, 64)", "(64, 64)", "torch.uint8"):
         expect(expected in printed, f"data.py show should print {expected}, it printed:\n{printed}")
@@ -325,7 +325,7 @@ def test_q03_show_prints_shapes_and_writes_a_picture(synthetic_root, tmp_path, c
 def test_q03_histogram_counts_every_pixel(synthetic_root, tmp_path):
     out = tmp_path / "histogram.json"
     args = ["histogram", "--datadir", str(synthetic_root), "--areas", "1", "2"]
-    run_command([*args, "--out", str(out)], "python -m seglab.explore histogram", data.main)
+    run_command([*args, "--out", str(out)], "python -m seglab.explore histogram", explore.main)
     result = json.loads(out.read_text())
     expected_pixels = 12 * 64 * 64  # 6 frames of 64x64 in each of the two areas
     expect(
