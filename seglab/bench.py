@@ -503,7 +503,7 @@ def training_loop_step(
     model = model.to(device)
     loss_fn = losses.build_loss("ce", data.NUM_CLASSES, data.IGNORE_INDEX)
     optimizer, scheduler = main.build_optimizer(model, 1e-3, 1e-4, "poly", 10, 10 * steps)
-    scaler = main.loss_scaler(device, float16=False)
+    scaler = devices.loss_scaler(device, float16=False)
     run = main.Run(model, loss_fn, optimizer, scheduler, scaler, runstate.TrainingHealth(device))
     train_model = devices.training_model(model, device, compile=compiled)
     log_every = main.build_parser().parse_args(["train"]).log_every

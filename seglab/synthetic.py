@@ -214,15 +214,26 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
     """Lay out one room. With `furnish_all`, every class is placed at least once."""
     rng = builder.rng
     size = np.array([rng.uniform(4, 8), rng.uniform(2.7, 3.3), rng.uniform(5, 9)])
-    width, height, depth = size
     room = Room(room_type, room_num, size)
     builder.room = room
+    # Each step draws from the same generator, in this order: the same seed, the same room.
+    add_shell(builder)
+    add_wall_items(builder, furnish_all)
+    add_bookcases_columns_beams(builder, furnish_all)
+    add_tables_and_chairs(builder)
+    add_sofa_and_floor_clutter(builder, furnish_all)
+    return room
 
+
+def add_shell(builder: RoomBuilder) -> None:
+    """The four walls, the floor and the ceiling of `builder.room`."""
+    rng, room = builder.rng, builder.room
+    width, height, depth = room.size
     up = np.array([0, 1.0, 0])
     wall_material = builder.material("wall", "plain")
     floor_texture = "planks" if rng.random() < 0.5 else "grid"
     for wall in range(4):
-        origin, along, normal, length = wall_frame(wall, size)
+        origin, along, normal, length = wall_frame(wall, room.size)
         corners = np.array(
             [
                 origin,
@@ -242,13 +253,19 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
     )
     room.shell.append(ceiling_face)
 
+
+def add_wall_items(builder: RoomBuilder, furnish_all: bool) -> None:
+    """Doors, windows, boards and clutter flat on the walls, none overlapping another."""
+    rng, room = builder.rng, builder.room
+    width, height, depth = room.size
+    up = np.array([0, 1.0, 0])
     # Flat things on the walls, kept apart by remembering what each wall already holds.
     occupied: dict[int, list[tuple[float, float]]] = {wall: [] for wall in range(4)}
 
     def place_on_wall(class_name: str, width_range, bottom, item_height, texture) -> bool:
         for _ in range(20):
             wall = int(rng.choice([0, 0, 1, 2, 3]))
-            origin, along, normal, length = wall_frame(wall, size)
+            origin, along, normal, length = wall_frame(wall, room.size)
             item_width = rng.uniform(*width_range)
             if item_width > length - 0.4:
                 continue
@@ -284,10 +301,16 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
     for _ in range(rng.integers(0, 3)):
         place_on_wall("clutter", (0.4, 1.2), rng.uniform(1.0, 1.5), rng.uniform(0.4, 0.9), "blots")
 
+
+def add_bookcases_columns_beams(builder: RoomBuilder, furnish_all: bool) -> None:
+    """Bookcases against the walls, columns at the sides, beams under the ceiling."""
+    rng, room = builder.rng, builder.room
+    width, height, depth = room.size
+    up = np.array([0, 1.0, 0])
     # Bookcases stand against a wall, their front face showing shelves and books.
     for _ in range(rng.integers(1 if furnish_all else 0, 3)):
         wall = int(rng.choice([0, 1, 2]))
-        origin, along, normal, length = wall_frame(wall, size)
+        origin, along, normal, length = wall_frame(wall, room.size)
         case_width, case_depth = rng.uniform(0.8, 2.0), rng.uniform(0.3, 0.45)
         start = rng.uniform(0.1, length - case_width - 0.1)
         a = origin + start * along
@@ -309,7 +332,11 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
             )
             builder.add_box("beam", [0, height - drop, z], [width, height, z + beam_width])
 
-    # Tables in the middle of the room with chairs around, clutter on top.
+
+def add_tables_and_chairs(builder: RoomBuilder) -> None:
+    """Tables in the middle of the room, clutter on top and chairs around."""
+    rng, room = builder.rng, builder.room
+    width, height, depth = room.size
     for _ in range(rng.integers(1, 3)):
         table_width, table_depth = rng.uniform(1.2, 2.4), rng.uniform(0.7, 1.2)
         x = rng.uniform(0.8, max(0.9, width - table_width - 0.8))
@@ -354,9 +381,15 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
                 boxes.append(([lx, 0, lz], [lx + 0.04, 0.42, lz + 0.04]))
             builder.add_boxes("chair", boxes)
 
+
+def add_sofa_and_floor_clutter(builder: RoomBuilder, furnish_all: bool) -> None:
+    """Now and then a sofa against a wall; clutter on the floor along the walls."""
+    rng, room = builder.rng, builder.room
+    width, height, depth = room.size
+    up = np.array([0, 1.0, 0])
     if furnish_all or rng.random() < 0.1:
         wall = int(rng.choice([1, 2]))
-        origin, along, normal, length = wall_frame(wall, size)
+        origin, along, normal, length = wall_frame(wall, room.size)
         sofa_width = rng.uniform(1.4, 2.0)
         start = rng.uniform(0.5, length - sofa_width - 0.5)
         a = origin + start * along
@@ -376,7 +409,6 @@ def build_room(builder: RoomBuilder, room_type: str, room_num: int, furnish_all:
         x = float(rng.choice([0.05, width - item[0] - 0.05, rng.uniform(0.5, width - 1)]))
         z = rng.uniform(0.5, depth - item[2] - 0.05)
         builder.add_box("clutter", [x, 0, z], [x + item[0], item[1], z + item[2]], texture="blots")
-    return room
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from PIL import Image
 
 import data
 import main
-from seglab import check, checkpoints, cli, explore, inference, synthetic
+from seglab import check, checkpoints, cli, explore, inference, pngfiles, synthetic
 
 TINY_TRAINING = [
     "--areas", "1", "--val-areas", "5a", "--epochs", "2", "--batch-size", "2", "--subset", "2",
@@ -72,7 +72,7 @@ def png_file(path: Path, width: int, height: int, depth: int, color: int, rows: 
     IHDR, one IDAT of the zlib-compressed `rows` (each row: filter byte 0, then pixels)."""
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, color, 0, 0, 0])
     chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows))
-    path.write_bytes(data.PNG_SIGNATURE + chunks + png_chunk(b"IEND", b""))
+    path.write_bytes(pngfiles.PNG_SIGNATURE + chunks + png_chunk(b"IEND", b""))
     return path
 
 

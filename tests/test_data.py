@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 import data
-from seglab import check, explore, synthetic
+from seglab import check, explore, runstate, synthetic
 
 # One label of each class, in the real form class_instance_roomType_roomNum_areaNum.
 LABELS = ["<UNK>_0_<UNK>_0_0"] + [f"{name}_1_office_1_1" for name in data.CLASSES[1:]]
@@ -255,9 +255,9 @@ def test_subset_is_deterministic_and_spread():
 
 
 def test_dataloader_batches(synthetic_root):
-    train_loader, val_loader = data.get_dataloaders(
-        synthetic_root, ["1", "2"], ["5a"], img_size=32, batch_size=4
-    )
+    train_set, val_set = data.get_datasets(synthetic_root, ["1", "2"], ["5a"], img_size=32)
+    train_loader = runstate.training_loader(train_set, 4, workers=0, pin_memory=False, seed=0)
+    val_loader = data.make_loader(val_set, batch_size=4)
     images, masks = next(iter(train_loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
     assert masks.shape == (4, 32, 32) and masks.dtype == torch.uint8

@@ -241,7 +241,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(main.CheckpointError, match=r"last\.pt .*No space left.*previous one"):
+    with pytest.raises(
+        checkpoints.CheckpointError, match=r"last\.pt .*No space left.*previous one"
+    ):
         checkpoints.save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
@@ -345,7 +347,7 @@ def test_a_checkpoint_holding_nan_is_refused_by_test_predict_and_resume(referenc
     run_dir = tmp_path / "diverged"
     run_dir.mkdir()
     torch.save(checkpoint, run_dir / "last.pt")
-    with pytest.raises(main.CheckpointError, match="not writing"):
+    with pytest.raises(checkpoints.CheckpointError, match="not writing"):
         checkpoints.save_checkpoint(checkpoint, tmp_path / "never.pt")
     assert not (tmp_path / "never.pt").exists()
     photo = tmp_path / "photo.png"
