@@ -27,7 +27,7 @@ from PIL import Image
 
 import data
 import main
-from seglab import check, checkpoints, cli, explore, inference, pngfiles, synthetic
+from seglab import check, checkpoints, cli, explore, inference, pngfiles, runfolder, synthetic
 
 TINY_TRAINING = [
     "--areas", "1", "--val-areas", "5a", "--epochs", "2", "--batch-size", "2", "--subset", "2",
@@ -313,7 +313,7 @@ def test_a_run_folder_that_turns_read_only_gives_one_line_and_keeps_the_checkpoi
 ):
     run_dir = tmp_path / "ro"
     denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(run_dir / "x"))
-    fail_from_epoch_2(monkeypatch, checkpoints, "append_jsonl", denied)
+    fail_from_epoch_2(monkeypatch, runfolder, "append_jsonl", denied)
     assert main.main(train_argv(synthetic_root, tmp_path, "--name", "ro")) == 2
     assert "Permission denied" in one_error_line(capsys.readouterr().err)
     assert_epoch_1_kept(run_dir)

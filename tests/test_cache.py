@@ -1,4 +1,4 @@
-"""The pre-decoded cache of cache.py: round trip, refusals, augmentations, training on it."""
+"""The pre-decoded cache of seglab/cache.py: round trip, refusals, augmentations, training on it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 import data
-from seglab import bench, cache
+from seglab import bench, cache, explore
 
 CACHE_SIZE = 32  # the synthetic frames are 64x64: the cache halves them
 
@@ -223,7 +223,7 @@ def test_unreadable_frame_stops_the_cache_or_is_left_out(synthetic_root, tmp_pat
     root = copy_tree(synthetic_root, tmp_path / "data")
     broken = sorted((root / "area_1" / "data" / "rgb").iterdir())[2]
     broken.write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match=f"cannot read {broken}.*check.py"):
+    with pytest.raises(data.DataError, match=f"cannot read {broken}.*seglab.check"):
         cache.write_cache(root, tmp_path / "strict", 16, areas=["1"], progress=False)
     manifest = cache.write_cache(
         root, tmp_path / "lenient", 16, areas=["1"], skip_bad=True, progress=False
@@ -274,10 +274,10 @@ def test_training_on_a_cache_directory(cache_root, tmp_path):
     assert scores["areas"] == ["5a"] and scores["frames"] == 6
     assert sum(scores["support"]) <= 6 * CACHE_SIZE * CACHE_SIZE
     hist = tmp_path / "hist.json"
-    assert cache.main(["histogram", "--datadir", str(cache_root), "--out", str(hist)]) == 0
+    assert explore.main(["histogram", "--datadir", str(cache_root), "--out", str(hist)]) == 0
     assert json.loads(hist.read_text())["frames"] == 18
     picture = tmp_path / "show.png"
-    assert cache.main(["show", "--datadir", str(cache_root), "--out", str(picture)]) == 0
+    assert explore.main(["show", "--datadir", str(cache_root), "--out", str(picture)]) == 0
     assert picture.is_file()
 
 

@@ -101,7 +101,7 @@ def test_unknown_and_absent_areas_are_named(tmp_path):
 
 
 def test_missing_datadir_says_how_to_get_data(tmp_path):
-    with pytest.raises(data.DataError, match="synthetic.py --out"):
+    with pytest.raises(data.DataError, match="seglab.synthetic --out"):
         data.StanfordDataset(tmp_path / "nowhere")
 
 

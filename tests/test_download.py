@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seglab import checkpoints, downloads
+from seglab import downloads
 
 
 def checkpoint_bytes() -> bytes:
@@ -125,7 +125,7 @@ def test_progress_bar_goes_to_stderr(
 
 def test_wrong_hash_is_refused_and_leaves_nothing(server: Server, cache: Path) -> None:
     url = f"{server.url}/{WRONG_NAME}"
-    with pytest.raises(checkpoints.CheckpointError) as error:
+    with pytest.raises(downloads.DownloadError) as error:
         downloads.local_model_file(url, progress=False)
     message = str(error.value)
     assert url in message and WRONG_NAME[5:13] in message and DIGEST in message
@@ -135,7 +135,7 @@ def test_wrong_hash_is_refused_and_leaves_nothing(server: Server, cache: Path) -
 
 def test_download_cut_short_is_refused_and_leaves_nothing(server: Server, cache: Path) -> None:
     url = f"{server.url}/cut/{GOOD_NAME}"
-    with pytest.raises(checkpoints.CheckpointError) as error:
+    with pytest.raises(downloads.DownloadError) as error:
         downloads.local_model_file(url, progress=False)
     message = str(error.value)
     assert url in message and DIGEST[:8] in message
@@ -145,7 +145,7 @@ def test_download_cut_short_is_refused_and_leaves_nothing(server: Server, cache:
 
 def test_http_error_names_the_status(server: Server, cache: Path) -> None:
     url = f"{server.url}/missing-{DIGEST[:8]}.pt"
-    with pytest.raises(checkpoints.CheckpointError, match="HTTP 404") as error:
+    with pytest.raises(downloads.DownloadError, match="HTTP 404") as error:
         downloads.local_model_file(url, progress=False)
     assert url in str(error.value)
     assert files_in(cache) == []
@@ -157,7 +157,7 @@ def test_connection_refused_is_a_checkpoint_error(cache: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/{GOOD_NAME}"
-    with pytest.raises(checkpoints.CheckpointError, match="cannot download") as error:
+    with pytest.raises(downloads.DownloadError, match="cannot download") as error:
         downloads.local_model_file(url, progress=False)
     assert url in str(error.value)
     assert files_in(cache) == []
@@ -169,14 +169,14 @@ def test_connection_refused_is_a_checkpoint_error(cache: Path) -> None:
 def test_name_without_hash_prefix_is_refused_before_any_request(
     server: Server, cache: Path, name: str
 ) -> None:
-    with pytest.raises(checkpoints.CheckpointError, match="sha256sum FILE"):
+    with pytest.raises(downloads.DownloadError, match="sha256sum FILE"):
         downloads.local_model_file(f"{server.url}/models/{name}", progress=False)
     assert server.requests == []
     assert files_in(cache) == []
 
 
 def test_other_url_schemes_are_refused(cache: Path) -> None:
-    with pytest.raises(checkpoints.CheckpointError, match="only http:// and https://"):
+    with pytest.raises(downloads.DownloadError, match="only http:// and https://"):
         downloads.local_model_file(f"ftp://example.org/{GOOD_NAME}")
 
 
@@ -191,7 +191,7 @@ def test_corrupted_cached_file_is_refused_with_its_path(server: Server, cache: P
     url = f"{server.url}/{GOOD_NAME}"
     path = downloads.local_model_file(url, progress=False)
     path.write_bytes(PAYLOAD[:-1] + bytes([PAYLOAD[-1] ^ 1]))  # one bit flipped on disk
-    with pytest.raises(checkpoints.CheckpointError, match="delete it") as error:
+    with pytest.raises(downloads.DownloadError, match="delete it") as error:
         downloads.local_model_file(url, progress=False)
     assert str(path) in str(error.value)
     assert len(server.requests) == 1  # refused, not silently downloaded again

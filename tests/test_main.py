@@ -215,7 +215,7 @@ def test_bad_arguments_end_with_one_clear_line(synthetic_root, tmp_path, args, m
 def test_missing_datadir_says_how_to_get_data(tmp_path):
     result = run_cli("train", "--epochs", "1", env={"STANFORD2D3DS_ROOT": str(tmp_path / "no")})
     assert result.returncode == 2
-    assert "synthetic.py --out" in result.stderr and "Traceback" not in result.stderr
+    assert "seglab.synthetic --out" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -397,7 +397,7 @@ def test_check_lists_every_bad_file_and_fails(root_copy):
     unpaired.unlink()
 
     result = subprocess.run(
-        [sys.executable, "check.py", "--datadir", str(root_copy)],
+        [sys.executable, "-m", "seglab.check", "--datadir", str(root_copy)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr

@@ -127,7 +127,7 @@ LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from seglab import checkpoints
+from seglab import runfolder
 with runfolder.RunFolderLock(Path(sys.argv[1])) as lock:
     lock.acquire()
     print("locked", flush=True)
