@@ -24,7 +24,8 @@ Commands: `python -m seglab.MODULE --help` from the project folder.
 - synthetic: `python -m seglab.synthetic`, scenes in the exact 2D-3D-S format
 - bench: `python -m seglab.bench`, the speed benchmark
 
-The lab's files import only the modules that import none of them (cli, pngfiles,
-downloads); every other module may import the lab's files. No module imports another that
-imports it back.
+main.py wires the package into the loop. The lab's other files import only three small
+modules of it (cli, pngfiles, downloads), which import no lab file but data.py; the rest of
+the package may import the lab's files. No module imports another that imports it back
+(tests/test_layout.py checks both).
 """

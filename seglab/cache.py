@@ -6,7 +6,7 @@ PNGs needs many cores to keep a GPU busy. This module decodes every frame once, 
 
     CACHE/cache.json             how the cache was made, written last
     CACHE/area_1/images.uint8    (N, 3, S, S) uint8 RGB, frames in the order of cache.json
-                                 ((N, 4, S, S) with --depth: RGB, then depth.py's channel)
+                                 ((N, 4, S, S) with --depth: RGB, then seglab/depth.py's channel)
     CACHE/area_1/masks.uint8     (N, S, S) uint8 class ids
 
 A cache directory then works as a --datadir of main.py: `open_dataset` finds cache.json and

@@ -1,7 +1,7 @@
 """The command line of main.py: its commands and every flag, with their help and checks.
 
-Each flag's type (in cli.py) refuses a value that cannot work where it is parsed, so a
-mistake ends with one `error:` line before anything runs or is written.
+Each flag's type (in seglab/cli.py) refuses a value that cannot work where it is parsed, so
+a mistake ends with one `error:` line before anything runs or is written.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def build_parser(
         choices=depth.INPUTS,
         action=cli.InputsAction,
         default=["rgb"],
-        help="what the model sees: rgb, or rgb depth (the data set's depth images, see depth.py)",
+        help="what the model sees: rgb, or rgb depth (the data set's depth images, see "
+        "seglab/depth.py)",
     )
     add(
         "--num-blocks",

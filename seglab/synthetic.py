@@ -621,7 +621,7 @@ def generate(
     refuse_foreign_root(out, labels)
     (out / LABELS_FILE).parent.mkdir(parents=True, exist_ok=True)
     (out / LABELS_FILE).write_text(json.dumps(labels))
-    (out / MARKER_FILE).write_text("synthetic scenes written by synthetic.py\n")
+    (out / MARKER_FILE).write_text("synthetic scenes written by seglab/synthetic.py\n")
     label_index = {label: index for index, label in enumerate(labels)}
 
     from tqdm import tqdm
@@ -654,7 +654,7 @@ def refuse_foreign_root(out: Path, labels: list[str]) -> None:
         return
     if not (out / MARKER_FILE).is_file():
         raise DataError(
-            f"--out {out} already holds files that synthetic.py did not write (no "
+            f"--out {out} already holds files that seglab.synthetic did not write (no "
             f"{MARKER_FILE}): nothing was changed; choose a new or empty folder"
         )
     try:

@@ -72,6 +72,15 @@ SOLUTION_FILES: tuple[str, ...] = (
     "main.py",
     "utils.py",
 )
+# The pages of docs/ that README.md links to, docs/NAME.md.
+DOC_PAGES: tuple[str, ...] = (
+    "benchmark",
+    "cluster",
+    "data",
+    "dependencies",
+    "inference",
+    "training",
+)
 # The figures of LAB.md, docs/lab/NAME.png, written by `python teacher/figures.py`.
 LAB_FIGURES: tuple[str, ...] = ("sample", "unet", "curves", "predictions", "confusion")
 # Files copied as they are; a marker in one of them is an error. The machinery modules come
@@ -115,7 +124,7 @@ COPIED_FILES: tuple[str, ...] = (
     "slurm/one_node.sbatch",
     "slurm/several_nodes.sbatch",
     ".gitignore",
-    "docs/benchmark.md",
+    *(f"docs/{name}.md" for name in DOC_PAGES),
     "docs/demo.png",
     *(f"docs/lab/{name}.png" for name in LAB_FIGURES),
     "pyproject.toml",
