@@ -97,6 +97,8 @@ COPIED_FILES: tuple[str, ...] = (
     "test.sh",
     "slurm/one_node.sbatch",
     "slurm/several_nodes.sbatch",
+    "slurm/local_cluster.sh",
+    "docs/slurm.md",
     ".gitignore",
     "bench.py",
     "progress.py",

@@ -272,7 +272,7 @@ def test_one_node_job_stops_at_the_time_limit_and_when_preempted_then_finishes_e
 
     text = job.text()
     assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "2"), text
-    assert "time limit in 5 minutes: training saves where it is and stops" in text
+    assert "time limit near: training saves where it is and stops" in text
     assert "SIGTERM (preempted or cancelled)" in text
     stops, resumes = stops_and_resumes(text, job.run_dir)
     assert [epoch for epoch, _ in stops] == [2, 3], text
