@@ -5,7 +5,7 @@
 #     bash slurm/local_cluster.sh install          # apt-get the packages, when absent
 #     bash slurm/local_cluster.sh start DIR [N]    # N nodes (default 1), everything in DIR
 #     export SLURM_CONF=DIR/slurm.conf             # for sbatch, squeue, scontrol, scancel
-#     bash slurm/local_cluster.sh stop DIR         # stops the daemons it started
+#     bash slurm/local_cluster.sh stop DIR         # cancels the jobs, stops the daemons
 #
 # Everything lives in DIR: the configuration, a munge key and socket, the daemons' state,
 # logs and process ids; nothing under /etc is used, so it runs beside a system SLURM.
@@ -21,11 +21,11 @@ usage() {
 }
 
 install() {
-    local program
+    local program missing=0
     for program in slurmctld slurmd sbatch munged; do
-        command -v "$program" >/dev/null || break
+        command -v "$program" >/dev/null || missing=1
     done
-    command -v "$program" >/dev/null && return 0 # all four are there
+    [ "$missing" = 1 ] || return 0
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
