@@ -12,6 +12,7 @@
 # The N nodes (n1, n2, ...) are N slurmd processes on this machine, each on its own port,
 # each offering all of its CPUs and no GPU.
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/sbin # where Debian puts the daemons, outside some users' PATH
 
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
