@@ -123,6 +123,8 @@ COPIED_FILES: tuple[str, ...] = (
     "test.sh",
     "slurm/one_node.sbatch",
     "slurm/several_nodes.sbatch",
+    "slurm/local_cluster.sh",
+    "docs/slurm.md",
     ".gitignore",
     *(f"docs/{name}.md" for name in DOC_PAGES),
     "docs/demo.png",
