@@ -79,6 +79,7 @@ DOC_PAGES: tuple[str, ...] = (
     "data",
     "dependencies",
     "inference",
+    "slurm",
     "training",
 )
 # The figures of LAB.md, docs/lab/NAME.png, written by `python teacher/figures.py`.
@@ -124,7 +125,6 @@ COPIED_FILES: tuple[str, ...] = (
     "slurm/one_node.sbatch",
     "slurm/several_nodes.sbatch",
     "slurm/local_cluster.sh",
-    "docs/slurm.md",
     ".gitignore",
     *(f"docs/{name}.md" for name in DOC_PAGES),
     "docs/demo.png",

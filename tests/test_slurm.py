@@ -27,7 +27,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slurm
 
-SYNTHETIC = ["synthetic.py"]  # what python runs to write a synthetic data set
+SYNTHETIC = ["-m", "seglab.synthetic"]  # what python runs to write a synthetic data set
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "munged")
 # 64-pixel crops: steps slow enough (about 50 ms on a CPU core) that a signal sent a few
