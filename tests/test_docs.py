@@ -76,6 +76,9 @@ EXTERNAL_FLAGS = {
     "--shutdown-timeout": "torchrun",
     "--signal": "sbatch",
     "--requeue": "sbatch",
+    "--kill-on-bad-exit": "srun",
+    "--wait": "srun",
+    "--batch": "scancel",
 }
 # The names a teacher's tool goes by; the student's README and docs/ name none of them.
 TEACHER_TOOLS = ("teacher/", "make_lab", "TEACHER.md", "figures.py", "lab_timing", "lab_mistakes")
