@@ -985,14 +985,12 @@ def test_q12_unseen_class_gets_the_largest_weight():
 # Q13, Q14: training, testing and predicting from the command line
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
-    """A run of one epoch of a tiny UNet with the weighted cross-entropy; the error instead
-    when training fails, so that each check reports it under its own question."""
-    logdir = tmp_path_factory.mktemp("lab-runs")
+def train_tiny_run(synthetic_root: Path, logdir: Path) -> Path | Exception:
+    """One epoch of a tiny UNet with the core's loss (the plain cross-entropy: the weighted
+    one needs the homework Q12); the run folder, or the error when training fails."""
     args = [
         "train", "--datadir", str(synthetic_root), "--areas", "1", "--val-areas", "2",
-        "--num-blocks", "2", "--base-chan", "4", "--img-size", "32", "--loss", "wce",
+        "--num-blocks", "2", "--base-chan", "4", "--img-size", "32", "--loss", "ce",
         "--epochs", "1", "--batch-size", "2", "--warmup-steps", "1", "--workers", "0",
         "--device", "cpu", "--logdir", str(logdir), "--name", "tiny",
     ]  # fmt: skip
@@ -1001,6 +999,13 @@ def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
     except Exception as error:  # reported by the checks that need the run
         return error
     return logdir / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
+    """The tiny run of train_tiny_run, made once; the error instead when training fails, so
+    that each check reports it under its own question."""
+    return train_tiny_run(synthetic_root, tmp_path_factory.mktemp("lab-runs"))
 
 
 def run_command(args: list[str], what: str, script_main: Callable = main.main) -> None:

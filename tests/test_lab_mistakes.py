@@ -162,3 +162,17 @@ def test_q14_needs_no_answer_to_the_optional_q9(request, monkeypatch, tmp_path_f
     assert run_checks(9, request, tmp_path_factory)["test_q09_unet_takes_any_image_size"]
     results = run_checks(14, request, tmp_path_factory)
     assert all(message is None for message in results.values()), results
+
+
+def test_q13_and_q14_need_no_answer_to_the_homework_q12(
+    request, monkeypatch, tmp_path_factory, synthetic_root
+):
+    import losses
+
+    def q12_stub(*args, **kwargs):
+        raise NotImplementedError("Q12: compute the class weights in losses.py, see LAB.md")
+
+    monkeypatch.setattr(losses, "class_weights_from_frequencies", q12_stub)
+    run = test_lab.train_tiny_run(synthetic_root, tmp_path_factory.mktemp("without-q12"))
+    assert isinstance(run, type(ROOT)), run
+    assert (run / "best.pt").is_file()
