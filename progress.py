@@ -5,8 +5,14 @@
 
 Runs every self-check of tests/test_lab.py once (about half a minute on a laptop) and
 reports each question as done (all its checks pass), not started (its stub is still
-there), waiting (it needs an earlier question first) or failing, with the first message
-of its checks. The exit status is 0 when every question is done.
+there), partly done (some checks pass, the others wait for a stub of the same question,
+such as Q14's optional ONNX part), waiting (it needs an earlier question first) or
+failing, with the first message of its checks. The exit status is 0 when every question
+is done, 1 when one is not, 2 when the checks could not run.
+
+With --json, the file also records when the checks ran and which questions came solved
+with the bundle (the file GIVEN of the bundle, written by the teacher's make_lab.py), for
+the teacher's class view.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LAB_FOLDER = Path(__file__).resolve().parent
 CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
+# The questions given solved with the bundle, one "Qn" a line (written by make_lab.py).
+GIVEN_FILE = "GIVEN"
+# The whole run of the checks; each check has its own, shorter deadline (tests/test_lab.py).
+RUN_DEADLINE_S = 20 * 60
 
 
 @dataclass
@@ -63,40 +74,101 @@ def question_statuses(results: dict[str, tuple[bool, str]]) -> list[Status]:
             by_question.setdefault(int(match["number"]), []).append(result)
     statuses = []
     for question, checks in sorted(by_question.items()):
-        messages = [message for passed, message in checks if not passed]
-        needs = [m for m in messages if re.match(rf"Q{question} needs Q\d+ first", m)]
-        if not messages:
-            statuses.append(Status(question, "done"))
-        elif any(f"Q{question} is not implemented yet" in m for m in messages):
-            statuses.append(Status(question, "not started"))
-        elif len(needs) == len(messages):
-            waiting_for = sorted({re.match(r"Q\d+ needs (Q\d+)", m)[1] for m in needs})
-            statuses.append(Status(question, f"waiting for {', '.join(waiting_for)}"))
-        else:
-            first = next(m for m in messages if m not in needs)
-            statuses.append(Status(question, "failing", first[:240]))
+        statuses.append(question_status(question, checks))
     return statuses
 
 
+def question_status(question: int, checks: list[tuple[bool, str]]) -> Status:
+    """The Status of `question` from the (passed, message) of each of its checks."""
+    messages = [message for passed, message in checks if not passed]
+    passed = len(checks) - len(messages)
+    needs = [m for m in messages if re.match(rf"Q{question} needs Q\d+ first", m)]
+    stubs = [m for m in messages if f"Q{question} is not implemented yet" in m]
+    if not messages:
+        return Status(question, "done")
+    if stubs and passed and len(stubs) == len(messages):
+        # A question in two parts, one answered (e.g. Q14: test and predict done, the
+        # optional ONNX function still a stub).
+        return Status(question, "partly done", f"{passed} of {len(checks)} checks pass; {stubs[0]}")
+    if stubs:
+        return Status(question, "not started")
+    if len(needs) == len(messages):
+        waiting_for = sorted({re.match(r"Q\d+ needs (Q\d+)", m)[1] for m in needs})
+        return Status(question, f"waiting for {', '.join(waiting_for)}")
+    # The whole message: its end is the hint that names the likely mistake.
+    return Status(question, "failing", next(m for m in messages if m not in needs))
+
+
 def run_self_checks(folder: Path) -> dict[str, tuple[bool, str]]:
-    """Run tests/test_lab.py of `folder` once; the result of every check."""
+    """Run tests/test_lab.py of `folder` once; the result of every check.
+
+    RuntimeError, in one line, when the checks did not run, did not finish, or stopped
+    early (pytest's exit status 2: an answer that raises KeyboardInterrupt, say).
+    """
     with tempfile.TemporaryDirectory() as scratch:
         junit_file = Path(scratch) / "checks.xml"
         command = [sys.executable, "-m", "pytest", "tests/test_lab.py", "-q"]
         command += ["-p", "no:cacheprovider", f"--junitxml={junit_file}"]
-        completed = subprocess.run(
-            command,
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-        )
-        if not junit_file.is_file():
-            lines = (completed.stdout + completed.stderr).strip().splitlines()
-            raise RuntimeError(
-                "the self-checks did not run: " + (lines[-1] if lines else "no output")
+        try:
+            completed = subprocess.run(
+                command,
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                timeout=RUN_DEADLINE_S,
             )
-        return check_results(junit_file)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"the self-checks did not finish in {RUN_DEADLINE_S // 60} minutes"
+            ) from None
+        lines = (completed.stdout + completed.stderr).strip().splitlines()
+        last_line = lines[-1] if lines else "no output"
+        if not junit_file.is_file():
+            raise RuntimeError(f"the self-checks did not run: {last_line}")
+        results = check_results(junit_file)
+        if completed.returncode not in (0, 1) or not results:
+            raise RuntimeError(
+                f"the self-checks stopped before the end ({last_line}); run "
+                "`python -m pytest tests/test_lab.py` to see where"
+            )
+        return results
+
+
+def check_json_path(path: Path) -> None:
+    """RuntimeError, in one line, unless `path` can be written: checked before the checks
+    run, so that a wrong --json fails at once, not after them."""
+    if path.is_dir():
+        raise RuntimeError(f"--json {path} is a folder; give a file name, e.g. {path / 'me.json'}")
+    if not path.parent.is_dir():
+        raise RuntimeError(f"--json {path}: the folder {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise RuntimeError(f"--json {path} cannot be written: {error.strerror or error}") from None
+    if not existed:
+        path.unlink()
+
+
+def given_questions(folder: Path) -> list[int]:
+    """The questions that came solved with the bundle (its GIVEN file), in order."""
+    given_file = folder / GIVEN_FILE
+    if not given_file.is_file():
+        return []
+    return sorted(int(n) for n in re.findall(r"^Q(\d+)\s*$", given_file.read_text(), re.M))
+
+
+def json_report(name: str, statuses: list[Status], folder: Path) -> dict:
+    """What --json writes: who, when, which questions were given, and each status."""
+    return {
+        "name": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "given": given_questions(folder),
+        "done": sum(status.status == "done" for status in statuses),
+        "questions": [asdict(status) for status in statuses],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,20 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="your name, written into the JSON file")
     args = parser.parse_args(argv)
     try:
+        if args.json:
+            check_json_path(Path(args.json))
         statuses = question_statuses(run_self_checks(LAB_FOLDER))
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no question checked", file=sys.stderr)
+        return 130
     for status in statuses:
         print(status.line())
     done = sum(status.status == "done" for status in statuses)
     print(f"{done} of {len(statuses)} questions done")
     if args.json:
-        report = {
-            "name": args.name,
-            "done": done,
-            "questions": [asdict(status) for status in statuses],
-        }
+        report = json_report(args.name, statuses, LAB_FOLDER)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if done == len(statuses) else 1

@@ -15,11 +15,14 @@ seconds on a CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import json
 import math
 import re
+import signal
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -133,9 +136,60 @@ def exception_verdict(question: int, error: Exception) -> str:
     return message
 
 
+# Seconds that one check may take (a few on a laptop), and the training run of Q13 and Q14:
+# an answer stuck in an endless loop fails its check instead of hanging the checks forever.
+CHECK_DEADLINE_S = 30
+TRAINING_DEADLINE_S = 120
+
+
+class DeadlinePassed(Exception):
+    """Raised into a check that runs longer than its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise DeadlinePassed in this thread if the block runs longer than `seconds`.
+
+    A watcher thread waits; when time is up, it asks Python to raise the exception in the
+    checked thread at its next Python instruction (a `while True: pass` stops there; a
+    single C call that never returns would not, but answers of this lab do not make one).
+    """
+    checked_thread = threading.get_ident()
+    finished = threading.Event()
+
+    def watch() -> None:
+        if not finished.wait(seconds):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(checked_thread), ctypes.py_object(DeadlinePassed)
+            )
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
+
+
+# A KeyboardInterrupt is the student's Ctrl-C only when the signal came: the same exception
+# raised by an answer is a wrong answer, reported like any other.
+_ctrl_c_pressed = threading.Event()
+
+
+def _on_ctrl_c(signal_number, frame) -> None:
+    _ctrl_c_pressed.set()
+    raise KeyboardInterrupt
+
+
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_ctrl_c)
+
+
 def self_check(check: Callable) -> Callable:
-    """Decorate a check named test_qNN_...: a stub, a failed expectation or an exception
-    raised by the answer comes out as one plain sentence about QNN, never a traceback."""
+    """Decorate a check named test_qNN_...: a stub, a failed expectation, an exception raised
+    by the answer or an answer that never returns comes out as one plain sentence about
+    QNN, never a traceback."""
     match = CHECK_NAME.match(check.__name__)
     if not match:
         raise ValueError(f"{check.__name__}: a self-check is named test_qNN_...")
@@ -144,11 +198,21 @@ def self_check(check: Callable) -> Callable:
     @functools.wraps(check)
     def run(*args, **kwargs):
         try:
-            return check(*args, **kwargs)
+            with deadline(CHECK_DEADLINE_S):
+                return check(*args, **kwargs)
         except NotImplementedError as error:
             message = stub_verdict(question, str(error))
         except AssertionError as error:
             message = f"Q{question}: {error}"
+        except DeadlinePassed:
+            message = (
+                f"Q{question}: did not finish in {CHECK_DEADLINE_S} s; an endless loop in "
+                "your code (a while loop whose condition never changes?)"
+            )
+        except KeyboardInterrupt as error:
+            if _ctrl_c_pressed.is_set():
+                raise
+            message = exception_verdict(question, error)
         except Exception as error:  # an answer that crashes: say where and, if known, why
             message = exception_verdict(question, error)
         # Outside the except clauses, so that the report shows no chained traceback.
@@ -995,7 +1059,13 @@ def train_tiny_run(synthetic_root: Path, logdir: Path) -> Path | Exception:
         "--device", "cpu", "--logdir", str(logdir), "--name", "tiny",
     ]  # fmt: skip
     try:
-        run_command(args, "python main.py train")
+        with deadline(TRAINING_DEADLINE_S):
+            run_command(args, "python main.py train")
+    except DeadlinePassed:
+        return AssertionError(
+            f"the tiny training run did not finish in {TRAINING_DEADLINE_S} s; an endless "
+            "loop in one of your answers? their own checks say which"
+        )
     except Exception as error:  # reported by the checks that need the run
         return error
     return logdir / "tiny"

@@ -14,6 +14,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+import lab_mistakes
 import make_lab
 import pytest
 import test_lab
@@ -176,3 +177,21 @@ def test_q13_and_q14_need_no_answer_to_the_homework_q12(
     run = test_lab.train_tiny_run(synthetic_root, tmp_path_factory.mktemp("without-q12"))
     assert isinstance(run, type(ROOT)), run
     assert (run / "best.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        ("while True:\n    pass", "Q1: did not finish in 1 s; an endless loop"),
+        ("raise KeyboardInterrupt", "Q1: your code raised KeyboardInterrupt"),
+    ],
+)
+def test_an_answer_that_never_returns_or_raises_keyboard_interrupt_fails_its_check(
+    answer, verdict, request, monkeypatch, tmp_path_factory
+):
+    endless = Mistake("endless", "data.py", "decode_semantic", lab_mistakes.CLAMP, answer)
+    module, wrong = wrong_definition(endless)
+    monkeypatch.setattr(module, "decode_semantic", wrong)
+    monkeypatch.setattr(test_lab, "CHECK_DEADLINE_S", 1)
+    results = run_checks(1, request, tmp_path_factory)
+    assert results and all(message.startswith(verdict) for message in results.values()), results

@@ -1,0 +1,74 @@
+"""progress.py: the statuses it reads from the checks, and how it fails (teacher side)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import progress
+
+STUB = "Q14 is not implemented yet: run the exported model with onnxruntime in main.py, see LAB.md"
+
+
+def test_a_question_with_one_part_left_is_partly_done_not_unstarted():
+    status = progress.question_status(14, [(True, ""), (True, ""), (False, STUB)])
+    assert status.status == "partly done"
+    assert status.message == f"2 of 3 checks pass; {STUB}"
+    assert progress.question_status(14, [(False, STUB)] * 3).status == "not started"
+    assert progress.question_status(14, [(True, "")] * 3).status == "done"
+
+
+def test_a_long_failure_keeps_its_hint():
+    message = "Q4: " + "x" * 300 + "; the likely mistake"
+    status = progress.question_status(4, [(True, ""), (False, message)])
+    assert status.status == "failing" and status.message == message
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        (lambda tmp: tmp, "is a folder"),
+        (lambda tmp: tmp / "missing" / "me.json", "does not exist"),
+        (lambda tmp: "/sys/kernel/me.json", "cannot be written"),
+    ],
+)
+def test_a_json_path_that_cannot_be_written_fails_before_the_checks(
+    where, said, tmp_path, monkeypatch, capsys
+):
+    def never(folder):
+        raise AssertionError("the checks ran")
+
+    monkeypatch.setattr(progress, "run_self_checks", never)
+    assert progress.main(["--json", str(where(tmp_path))]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --json ") and said in error and error.count("\n") == 1
+    assert not (tmp_path / "me.json").exists()
+
+
+def test_ctrl_c_prints_one_line(monkeypatch, capsys):
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress, "run_self_checks", interrupted)
+    assert progress.main([]) == 130
+    assert capsys.readouterr().err == "interrupted: no question checked\n"
+
+
+def test_checks_that_stop_early_are_an_error_not_zero_questions(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_lab.py").write_text(
+        "def test_q01_a():\n    pass\n\n\ndef test_q02_b():\n    raise KeyboardInterrupt\n"
+    )
+    with pytest.raises(RuntimeError, match="stopped before the end"):
+        progress.run_self_checks(tmp_path)
+
+
+def test_the_json_file_records_the_time_and_the_given_questions(tmp_path):
+    (tmp_path / progress.GIVEN_FILE).write_text("Q4\nQ12\n")
+    statuses = [progress.Status(1, "done"), progress.Status(2, "not started")]
+    report = progress.json_report("Ada", statuses, tmp_path)
+    assert report["given"] == [4, 12] and report["done"] == 1 and report["name"] == "Ada"
+    assert report["time"][:2] == "20" and "T" in report["time"]
+    assert json.loads(json.dumps(report)) == report
+    assert progress.json_report("Ada", statuses, tmp_path / "elsewhere")["given"] == []
