@@ -363,16 +363,27 @@ class StanfordDataset(Dataset):
                 self.bad[candidate] = True
         raise DataError(f"every frame under {self.root} is unreadable")
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame `index` as `(image (3, H, W) uint8, mask (H, W) uint8)`, transforms applied."""
+    def read_frame(self, index: int) -> tuple[tv_tensors.Image, torch.Tensor]:
+        """Frame `index` as stored: `(image, semantic)`, the image `(3, H, W)` uint8 already
+        wrapped in `tv_tensors.Image`, the semantic colors `(3, H, W)` uint8, of one size.
+        (The RGB-D data set of seglab/depth.py returns its 4-channel image instead.)"""
         frame = self.frames[index]
         image = read_png(frame.rgb_path)
         semantic = read_png(frame.semantic_path, labels=True)
         if image.shape != semantic.shape:
             raise DataError(size_mismatch(frame, tuple(image.shape[1:]), tuple(semantic.shape[1:])))
+        return tv_tensors.Image(image), semantic
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame `index` as `(image (3, H, W) uint8, mask (H, W) uint8)`, transforms applied.
+
+        `self.transforms`, when not None, takes and returns `(image, tv_tensors.Mask)`;
+        return plain tensors (`.as_subclass(torch.Tensor)`).
+        """
+        image, semantic = self.read_frame(index)
         # >>> Q2: apply the transforms, then decode the labels
         if self.transforms is not None:
-            image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))
+            image, semantic = self.transforms(image, tv_tensors.Mask(semantic))
         mask = decode_semantic(semantic.as_subclass(torch.Tensor), self.label_table)
         return image.as_subclass(torch.Tensor), mask
         # <<< Q2

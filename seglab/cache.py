@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 
 import data
 from data import DataError
-from seglab import checkpoints, cli, depth
+from seglab import cli, depth, downloads
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = "stanford2d3ds-decoded-cache"
@@ -84,7 +84,7 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
             f"{list(data.CLASSES)}; {rebuild_hint(manifest, cache_root)}"
         )
     labels_path = Path(manifest["source_root"]) / data.LABELS_FILE
-    if labels_path.is_file() and checkpoints.file_sha256(labels_path) != manifest["labels_sha256"]:
+    if labels_path.is_file() and downloads.file_sha256(labels_path) != manifest["labels_sha256"]:
         raise DataError(
             f"the cache {cache_root} is stale: {labels_path} changed since the cache was "
             f"made; {rebuild_hint(manifest, cache_root)}"
@@ -373,7 +373,7 @@ def write_cache(
         "version": CACHE_VERSION,
         "size": size,
         "source_root": str(root),
-        "labels_sha256": checkpoints.file_sha256(labels_path),
+        "labels_sha256": downloads.file_sha256(labels_path),
         "num_labels": len(source.label_table) - 1,
         "classes": list(data.CLASSES),
         "inputs": inputs,

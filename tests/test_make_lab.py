@@ -367,6 +367,28 @@ def test_no_line_of_a_marked_region_leaks_into_the_student_bundle(bundles):
                     assert line not in student_lines, f"{name}: {line!r} leaked"
 
 
+def code_line(line: str) -> str:
+    """A line of code without its comment, spaces and `data.` prefixes: the same statement
+    written in data.py or in another module compares equal."""
+    return re.sub(r"\s+|\bdata\.", "", line.split("#")[0])
+
+
+def test_no_answer_is_repeated_in_a_file_that_the_student_bundle_copies():
+    # Two or more lines of one answer in another file of the bundle give the answer away
+    # (one line alone may be ordinary code, e.g. `except RuntimeError as error:`).
+    copied = [name for name in make_lab.COPIED_FILES if name.endswith(".py")]
+    for region in REGIONS:
+        if region.optional:
+            continue
+        lines = (ROOT / region.path).read_text().splitlines()
+        answer = {code_line(line) for line in lines[region.open_line : region.close_line - 1]}
+        answer = {line for line in answer if len(line) >= 25}
+        for name in copied:
+            found = answer & {code_line(line) for line in (ROOT / name).read_text().splitlines()}
+            assert len(found) < 2, f"{name} repeats the answer of Q{region.question}: {found}"
+    assert "65536" not in (ROOT / "seglab" / "bench.py").read_text()
+
+
 def test_no_marker_reaches_any_bundle(bundles):
     for folder in (bundles.student, bundles.solution):
         for relative, (content, _) in bundle_files(folder).items():
