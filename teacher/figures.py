@@ -187,13 +187,19 @@ def predictions_figure(run_dir: Path, datadir: Path, out: Path, count: int = 3) 
 
 
 def shrink(path: Path) -> None:
-    """Rewrite a PNG with a palette of 256 colors: a third of the size or less, and the
-    flat colors of labels and plots stay exact."""
+    """Rewrite a PNG as small as its colors allow, every color exact: with a palette when
+    it holds 256 colors or fewer (a plot), else as RGB (a photo). A palette quantized from
+    more colors would move the class colors of the legends away from data.CLASS_COLORS."""
     from PIL import Image
 
     with Image.open(path) as picture:
-        reduced = picture.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    reduced.save(path, optimize=True)
+        rgb = picture.convert("RGB")
+    smallest = rgb
+    if rgb.getcolors(maxcolors=256) is not None:
+        palette = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        if palette.convert("RGB").tobytes() == rgb.tobytes():  # kept only when exact
+            smallest = palette
+    smallest.save(path, optimize=True)
 
 
 def make_figures(work: Path, epochs: int) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import make_lab
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -695,3 +696,26 @@ def test_the_time_plan_holds_the_measured_time_of_every_core_command():
     commands = lab_timing.CORE_COMMANDS + lab_timing.OPTIONAL_COMMANDS
     assert set(measured) == {lab_timing.shown(command) for _, command in commands}
     assert "python teacher/make_lab.py --time" in LAB_TEXT
+
+
+def test_the_legend_of_the_handouts_sample_figure_shows_the_exact_class_colors():
+    from PIL import Image
+
+    import data
+
+    with Image.open(ROOT / "docs" / "lab" / "sample.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    legend = pixels[:, pixels.shape[1] * 4 // 5 :]  # the legend sits at the right
+    for name, color in data.CLASS_COLORS.items():
+        swatch = (legend == np.array(color, dtype=np.uint8)).all(axis=-1)
+        assert swatch.sum() >= 20, f"the legend has no swatch of {name}'s color {color}"
+
+
+def test_the_handout_sends_to_the_tensorboard_tabs_where_the_run_logs():
+    logged = (ROOT / "seglab" / "tensorboard_log.py").read_text()
+    # add_image and add_figure both land in TensorBoard's Images tab.
+    assert 'add_figure("val/confusion_matrix"' in logged
+    assert "*Figures*" not in LAB_TEXT
+    images = LAB_TEXT[LAB_TEXT.index("In TensorBoard, look at:") :]
+    images = images[: images.index("\n\n", images.index("*Images*"))]
+    assert "`val/confusion_matrix`" in images
