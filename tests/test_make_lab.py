@@ -420,15 +420,80 @@ def test_two_runs_write_identical_trees_and_leave_other_files_alone(tmp_path):
     written = bundle_files(first)
     (first / "runs").mkdir()
     (first / "runs" / "mine.txt").write_text("a student's file")
-    (first / "models.py").write_text("a student's answer, replaced by the next run")
+    (first / "models.py").write_text("a student's file that does not parse, left as it is")
     assert make_lab.main(["--out", str(first)]) == 0
     assert make_lab.main(["--out", str(second)]) == 0
     assert bundle_files(second) == written
     assert (first / "runs" / "mine.txt").read_text() == "a student's file"
     after = bundle_files(first)
     del after["runs/mine.txt"]
+    assert after.pop("models.py")[0] == b"a student's file that does not parse, left as it is"
+    assert after.pop("models.py.new") == written.pop("models.py")
     assert after == written
     assert written["setup.sh"][1] == 0o755 and written["data.py"][1] == 0o644
+
+
+STUDENT_Q1 = """    labels = semantic_rgb.long()
+    index = (labels[0] * 65536 + labels[1] * 256 + labels[2]).clamp(max=len(label_table) - 1)
+    return label_table[index]
+"""
+
+
+def test_updating_a_bundle_keeps_every_answer_the_student_wrote(tmp_path, capsys):
+    out = tmp_path / "student"
+    assert make_lab.main(["--out", str(out), "--give", "Q4"]) == 0
+    assert (out / make_lab.GIVEN_FILE).read_text() == "Q4\n"
+    data_py = (out / "data.py").read_text()
+    stub = '    raise NotImplementedError("Q1: decode the label colors into class ids in data.py, '
+    assert stub in data_py
+    start = data_py.index(stub)
+    answered = data_py[:start] + STUDENT_Q1 + data_py[data_py.index("\n", start) + 1 :]
+    (out / "data.py").write_text(answered)
+    models_py = (out / "models.py").read_text()
+    capsys.readouterr()
+    # Q1 answered by the student, Q5 not: --give Q1 Q5 keeps the student's Q1, gives Q5.
+    assert make_lab.main(["--out", str(out), "--give", "Q1", "Q5"]) == 0
+    assert "kept the answers already written in" in capsys.readouterr().out
+    assert (out / "data.py").read_text() == answered  # Q4 given before, Q1 the student's
+    assert (out / "models.py").read_text() != models_py
+    assert "Q5: implement UNetConvBlock.__init__" not in (out / "models.py").read_text()
+    assert (out / make_lab.GIVEN_FILE).read_text() == "Q4\nQ5\n"
+    # The same run again changes nothing.
+    before = bundle_files(out)
+    assert make_lab.main(["--out", str(out), "--give", "Q1", "Q5"]) == 0
+    assert bundle_files(out) == before
+
+
+def test_a_script_changed_outside_its_answers_is_left_as_it_is(tmp_path, capsys):
+    out = tmp_path / "student"
+    assert make_lab.main(["--out", str(out)]) == 0
+    changed = "import numpy as np  # the student's own import\n" + (out / "data.py").read_text()
+    (out / "data.py").write_text(changed)
+    capsys.readouterr()
+    assert make_lab.main(["--out", str(out), "--give", "Q1"]) == 0
+    assert "data.py was changed outside its answers" in capsys.readouterr().out
+    assert (out / "data.py").read_text() == changed
+    assert "def decode_semantic" in (out / "data.py.new").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (lambda tmp: ["--out", str(tmp / "a-file" / "lab")], "lies below"),
+        (lambda tmp: ["--out", "/sys/kernel/lab-bundle"], "cannot be written"),
+        (lambda tmp: ["--out", str(tmp / "lab"), "--source", str(tmp / "none")], "no such folder"),
+        (
+            lambda tmp: ["--out", str(tmp / "lab"), "--source", str(tmp)],
+            "is not the lab's solution",
+        ),
+    ],
+)
+def test_bad_folders_are_refused_in_one_line(flags, error, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert make_lab.main(flags(tmp_path)) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and error in message and message.count("\n") == 1
+    assert not (tmp_path / "lab").exists()
 
 
 def test_refuses_to_write_into_the_project(capsys):
