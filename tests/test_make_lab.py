@@ -784,3 +784,23 @@ def test_the_handout_sends_to_the_tensorboard_tabs_where_the_run_logs():
     images = LAB_TEXT[LAB_TEXT.index("In TensorBoard, look at:") :]
     images = images[: images.index("\n\n", images.index("*Images*"))]
     assert "`val/confusion_matrix`" in images
+
+
+def test_q14_compares_the_two_masks_with_the_command_it_gives(tmp_path):
+    from PIL import Image
+
+    q14 = lab_questions()[14]
+    assert "demo.sh" not in q14 and "MODEL=runs/unet-small/best.pt" in q14
+    assert "almost every pixel, not on all" not in q14
+    [command] = [line[2:] for line in q14.splitlines() if "pixels differ" in line]
+    for folder in ("predictions", "predictions-onnx"):
+        (tmp_path / folder).mkdir()
+    ids = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(ids).save(tmp_path / "predictions" / "photo_mask.png")
+    ids[1, 2] = 0
+    Image.fromarray(ids).save(tmp_path / "predictions-onnx" / "photo_mask.png")
+    result = subprocess.run(
+        command.replace("python ", f"{sys.executable} ", 1),
+        shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout == "1 of 12 pixels differ\n", result.stdout + result.stderr
