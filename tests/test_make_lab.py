@@ -145,10 +145,10 @@ def test_the_bundles_hold_exactly_the_listed_files(bundles):
     assert "README.md" in expected and "tests/test_lab.py" in expected
     assert "progress.py" in expected
     assert set(bundle_files(bundles.student)) == expected
-    assert set(bundle_files(bundles.solution)) == expected | {"TEACHER.md"}
+    assert set(bundle_files(bundles.solution)) == expected | {"teacher/TEACHER.md"}
     for teacher_side in ("make_lab.py", "lab_timing.py", "figures.py", "TEACHER.md"):
-        assert (ROOT / teacher_side).is_file()
-        assert not (bundles.student / teacher_side).exists(), teacher_side
+        assert (ROOT / "teacher" / teacher_side).is_file()
+        assert not (bundles.student / "teacher").exists(), teacher_side
     assert not (bundles.student / "tests" / "test_make_lab.py").exists()
     assert not (bundles.student / "tests" / "lab_mistakes.py").exists()
 
@@ -156,15 +156,15 @@ def test_the_bundles_hold_exactly_the_listed_files(bundles):
 def test_the_teachers_guide_answers_every_question_and_stays_out_of_student_bundles(
     bundles, tmp_path
 ):
-    guide = (ROOT / "TEACHER.md").read_text()
-    assert (bundles.solution / "TEACHER.md").read_text() == guide
+    guide = (ROOT / "teacher" / "TEACHER.md").read_text()
+    assert (bundles.solution / "teacher" / "TEACHER.md").read_text() == guide
     for question in lab_questions():
         assert re.search(rf"^### Q{question}\b", guide, re.MULTILINE), question
     topics = ("--give Q4", "progress.py --json", "sha256sum", "lab_mistakes.py", "--time")
     for topic in (*topics, "figures.py"):
         assert topic in guide, topic
     assert make_lab.main(["--out", str(tmp_path / "given"), "--give", "Q4"]) == 0
-    assert not (tmp_path / "given" / "TEACHER.md").exists()
+    assert not (tmp_path / "given" / "teacher").exists()
 
 
 def test_the_figures_of_the_handout_ship_in_the_bundle(bundles):
@@ -174,7 +174,7 @@ def test_the_figures_of_the_handout_ship_in_the_bundle(bundles):
         content = (bundles.student / figure).read_bytes()
         assert content.startswith(b"\x89PNG") and len(content) < 150_000, figure
         assert content == (ROOT / figure).read_bytes()
-    assert "docs/lab" in (ROOT / "figures.py").read_text()
+    assert "docs/lab" in (ROOT / "teacher" / "figures.py").read_text()
 
 
 def test_the_students_readme_names_only_files_of_their_bundle(bundles):
@@ -587,7 +587,8 @@ def test_every_question_of_the_handout_has_a_stub_or_a_command_and_a_self_check(
         assert command in text, f"Q{question} does not name its self-check"
         regions = [region for region in REGIONS if region.question == question]
         if not regions:
-            assert re.search(r"^\*\*Run:\*\* `python \S+\.py", text, re.MULTILINE), question
+            run = r"^\*\*Run:\*\* `python (-m \S+|\S+\.py)"
+            assert re.search(run, text, re.MULTILINE), question
             continue
         edit = re.search(r"^\*\*Edit:\*\* (.*)$", text, re.MULTILINE)
         assert edit, f"Q{question} does not say which file to edit"
