@@ -136,10 +136,21 @@ def exception_verdict(question: int, error: Exception) -> str:
     return message
 
 
-# Seconds that one check may take (a few on a laptop), and the training run of Q13 and Q14:
-# an answer stuck in an endless loop fails its check instead of hanging the checks forever.
-CHECK_DEADLINE_S = 30
-TRAINING_DEADLINE_S = 120
+# Seconds that one check may take (a few on a laptop, more on a busy machine), and the
+# training run of Q13 and Q14: an answer stuck in an endless loop fails its check instead of
+# hanging the checks forever. A check that needs longer says so with @takes_up_to(seconds).
+CHECK_DEADLINE_S = 60
+TRAINING_DEADLINE_S = 180
+
+
+def takes_up_to(seconds: float) -> Callable:
+    """Give the self-check below a deadline of its own (put it above @self_check)."""
+
+    def mark(check: Callable) -> Callable:
+        check.deadline_s = seconds
+        return check
+
+    return mark
 
 
 class DeadlinePassed(Exception):
@@ -197,8 +208,9 @@ def self_check(check: Callable) -> Callable:
 
     @functools.wraps(check)
     def run(*args, **kwargs):
+        seconds = getattr(run, "deadline_s", CHECK_DEADLINE_S)
         try:
-            with deadline(CHECK_DEADLINE_S):
+            with deadline(seconds):
                 return check(*args, **kwargs)
         except NotImplementedError as error:
             message = stub_verdict(question, str(error))
@@ -206,7 +218,7 @@ def self_check(check: Callable) -> Callable:
             message = f"Q{question}: {error}"
         except DeadlinePassed:
             message = (
-                f"Q{question}: did not finish in {CHECK_DEADLINE_S} s; an endless loop in "
+                f"Q{question}: did not finish in {seconds} s; an endless loop in "
                 "your code (a while loop whose condition never changes?)"
             )
         except KeyboardInterrupt as error:
@@ -488,6 +500,41 @@ def test_q04_crops_and_flips_are_random():
 
 
 @self_check
+def test_q04_floors_stay_below_ceilings():
+    image, mask = striped_pair()
+    image, mask = image.transpose(1, 2), mask.T  # horizontal stripes: class 1 at the top
+    transform = data.train_transforms(32)
+    for seed in range(16):
+        torch.manual_seed(seed)
+        _, out_mask = apply(transform, image, mask)
+        expect(
+            bool((torch.diff(out_mask[:, 0].long()) >= 0).all()),
+            f"with seed {seed}, the frame came out upside down: indoor frames have the floor "
+            "below and the ceiling above, and the test frames too; flip left-right only "
+            "(no RandomVerticalFlip)",
+        )
+
+
+@self_check
+def test_q04_crops_follow_the_scale_argument():
+    image, mask = striped_pair()  # 8 stripes of 8 pixels
+    for scale, classes_expected, what in [
+        ((1.0, 1.0), lambda n: n == 8, "all 8 stripes (the whole frame)"),
+        ((1 / 16, 1 / 16), lambda n: n <= 4, "at most 4 of the 8 stripes (a sixteenth)"),
+    ]:
+        transform = data.train_transforms(32, scale=scale)
+        for seed in range(8):
+            torch.manual_seed(seed)
+            _, out_mask = apply(transform, image, mask)
+            found = len(out_mask.unique())
+            expect(
+                classes_expected(found),
+                f"train_transforms(32, scale={scale}) should crop {what}, the crop of seed "
+                f"{seed} holds {found} stripes: pass `scale` on to RandomResizedCrop",
+            )
+
+
+@self_check
 def test_q04_crops_keep_the_colors():
     image = torch.empty(3, 40, 40, dtype=torch.uint8)
     image[0], image[1], image[2] = 100, 120, 140
@@ -556,8 +603,30 @@ def test_q04_jitter_colors_changes_the_contrast():
     # from) their mean: only contrast changes (light - dark) / (light + dark).
     contrast = ((light - dark) / (light + dark)) / ((120 - 40) / (120 + 40))
     expect(
+        (contrast - contrast[0]).abs().max() > 0.01 or (contrast[0] - 1).abs() < 0.01,
+        f"all 16 images got the same contrast factor ({float(contrast[0]):.3f}): each image "
+        "draws its own factors (one per image, not one per batch)",
+    )
+    expect(
         (contrast - 1).abs().max() > 0.1,
         "the contrast of a two-tone image never changed: jitter the contrast too",
+    )
+
+
+@self_check
+def test_q04_jitter_colors_treats_each_image_on_its_own():
+    images = two_tone((40, 40, 40), (120, 120, 120))
+    others = images.clone()
+    others[1:] = 250  # the same first image among very bright ones
+    torch.manual_seed(4)
+    alone = data.jitter_colors(images, 0.3)[0]
+    torch.manual_seed(4)
+    among_bright = data.jitter_colors(others, 0.3)[0]
+    expect(
+        torch.equal(alone, among_bright),
+        "the jitter of an image changed with the other images of the batch: take the mean "
+        "gray of the contrast step over each image on its own (dims 1, 2, 3), not over the "
+        "whole batch",
     )
 
 
@@ -574,6 +643,11 @@ def test_q04_jitter_colors_changes_the_saturation():
         luma(torch.tensor(red_color).float()) - luma(torch.tensor(gray_color).float())
     )
     saturation = colorfulness / gray_levels
+    expect(
+        (saturation - saturation[0]).abs().max() > 0.01 or (saturation[0] - 1).abs() < 0.01,
+        f"all 16 images got the same saturation factor ({float(saturation[0]):.3f}): each "
+        "image draws its own factors (one per image, not one per batch)",
+    )
     expect(
         (saturation - 1).abs().max() > 0.1,
         "the colorfulness of a red image never changed beyond brightness and contrast: "
@@ -601,6 +675,25 @@ def up_block_parameters(cin: int, cout: int) -> int:
 def leaf_layers(module: nn.Module) -> list[str]:
     """The layer types of `module` in the order they were created, containers left out."""
     return [type(m).__name__ for m in module.modules() if not list(m.children())]
+
+
+def applied_layers(module: nn.Module, run: Callable[[], object]) -> list[str]:
+    """The layer types of `module` in the order that `run()` applies them, containers left
+    out: the order of the computation, whatever the order in which __init__ made them."""
+    order: list[str] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda layer, inputs, output: order.append(type(layer).__name__)
+        )
+        for layer in module.modules()
+        if not list(layer.children())
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
 
 
 def parameter_mistake(module: nn.Module) -> str:
@@ -662,8 +755,8 @@ def test_q05_conv_block_shapes():
 def test_q05_conv_block_layers():
     block = models.UNetConvBlock(3, 8)
     expected = ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
-    layers = leaf_layers(block)
-    expect(layers == expected, f"expected the layers {expected} in this order, got {layers}")
+    layers = applied_layers(block, lambda: block(torch.randn(1, 3, 8, 8)))
+    expect(layers == expected, f"expected forward to apply {expected} in this order, got {layers}")
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
     expect(
         all(conv.kernel_size == (3, 3) and conv.padding == (1, 1) for conv in convs),
@@ -841,6 +934,30 @@ def test_q09_unet_takes_any_image_size():
             "before the encoder and crop the logits back"
         ) from None
     expect_tensor(logits, (1, 5, 50, 37), torch.float32, "the logits of a 50x37 image")
+
+
+class PassThrough(nn.Module):
+    """Stands in for the encoder and the decoder of Q9's check: the images go through as
+    they are, so that the UNet's "logits" are its padded and cropped input."""
+
+    def forward(self, images: torch.Tensor, features: object = None) -> object:
+        return images if features is not None else (images, [])
+
+
+@self_check
+def test_q09_logits_stay_aligned_with_the_pixels():
+    unet = models.UNet(num_classes=3, num_blocks=3, base_chan=4).eval()
+    unet.encoder, unet.decoder = PassThrough(), PassThrough()
+    images = torch.arange(50 * 37, dtype=torch.float32).view(1, 1, 50, 37).expand(1, 3, -1, -1)
+    with torch.no_grad():
+        output = unet(images)
+    expect_tensor(output, (1, 3, 50, 37), torch.float32, "the output of a 50x37 image")
+    expect(
+        torch.equal(output, images),
+        "the logits are shifted against the pixels of the image (and so against their "
+        "labels): pad at the bottom and on the right, (0, pad_right, 0, pad_bottom), so "
+        "that the crop [..., :H, :W] keeps every pixel in its place",
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -1149,6 +1266,7 @@ class StandInNetwork(nn.Module):
         return self.conv(images)
 
 
+@takes_up_to(600)  # the export alone takes half a minute on a busy machine
 @self_check
 def test_q14_onnxruntime_gives_the_classes_of_predict(tmp_path):
 

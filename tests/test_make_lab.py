@@ -604,7 +604,9 @@ def test_every_self_check_is_a_decorated_test_q_nn():
     assert len(tests) >= len(lab_questions())
     for node in tests:
         assert re.match(r"test_q\d\d_", node.name), node.name
-        assert [ast.unparse(d) for d in node.decorator_list] == ["self_check"], node.name
+        decorators = [ast.unparse(d) for d in node.decorator_list]
+        assert decorators[-1:] == ["self_check"], node.name
+        assert all(d.startswith("takes_up_to(") for d in decorators[:-1]), node.name
     assert "make_lab" not in (ROOT / "tests" / "test_lab.py").read_text()
 
 
