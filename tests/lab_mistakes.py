@@ -273,6 +273,22 @@ MISTAKES: dict[int, list[Mistake]] = {
             hint="encoder_features",
         ),
         mistake(
+            "skip connection concatenated along the batch",
+            "models.py",
+            "UNetUpConvBlock",
+            "torch.cat([upsampled, encoder_features], dim=1)",
+            "torch.cat([upsampled, encoder_features], dim=0)",
+            hint="dim=1",
+        ),
+        mistake(
+            "skip connection concatenated along the height",
+            "models.py",
+            "UNetUpConvBlock",
+            "torch.cat([upsampled, encoder_features], dim=1)",
+            "torch.cat([upsampled, encoder_features], dim=2)",
+            hint="dim=1",
+        ),
+        mistake(
             "no padding after the upsampling",
             "models.py",
             "UNetUpConvBlock",
@@ -427,6 +443,14 @@ MISTAKES: dict[int, list[Mistake]] = {
             hint="largest weight",
         ),
         mistake(
+            "unseen class weighted 1 / 0",
+            "losses.py",
+            "class_weights_from_frequencies",
+            "weights[weighted & ~observed] = weights[observed].max()",
+            "weights[weighted & ~observed] = 1 / shares[weighted & ~observed]",
+            hint="share 0",
+        ),
+        mistake(
             "shares not renormalized without the ignored class",
             "losses.py",
             "class_weights_from_frequencies",
@@ -442,6 +466,14 @@ MISTAKES: dict[int, list[Mistake]] = {
             "image[None].numpy()",
             "image.numpy()",
             hint="batch dimension",
+        ),
+        mistake(
+            "pixels sent as floats",
+            "main.py",
+            "segment_with_onnxruntime",
+            "image[None].numpy()",
+            "image[None].float().numpy()",
+            hint="not floats",
         ),
         mistake(
             "argmax over the wrong axis",

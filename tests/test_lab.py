@@ -62,9 +62,22 @@ def stub_verdict(question: int, message: str) -> str:
     return f"Q{question} needs Q{match['number']} first. {todo}"
 
 
+def channel_hint(match: re.Match) -> str:
+    """The hint for a convolution that got other channels than it was built for."""
+    expected, got = int(match["expected"]), int(match["got"])
+    if got * 2 == expected:
+        return (
+            f"the convolution after the concatenation gets {got} channels instead of "
+            f"{expected}: concatenate along the channels, torch.cat([...], dim=1) of "
+            "(B, C, H, W) tensors (dim 0 is the batch, 2 and 3 the height and width)"
+        )
+    return "a layer gets another number of channels than it was built for: check cin and cout"
+
+
 # Exceptions raised by an answer, and the likely mistake behind each: (question or None for
-# every question, a regular expression searched in "ErrorType: message", the hint).
-EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
+# every question, a regular expression searched in "ErrorType: message", the hint or a
+# function of the match that returns it).
+EXCEPTION_HINTS: list[tuple[int | None, str, str | Callable[[re.Match], str]]] = [
     (
         1,
         r"out of (bounds|range)|index \d+ is out",
@@ -96,6 +109,7 @@ EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
         "sizes meet: check the padding of the convolutions and which encoder features each up "
         "block receives",
     ),
+    (7, r"to have (?P<expected>\d+) channels, but got (?P<got>\d+) channels", channel_hint),
     (
         None,
         r"expected input\[.*\] to have \d+ channels|mat1 and mat2 shapes",
@@ -104,7 +118,13 @@ EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
     ),
     (
         14,
-        r"INVALID_ARGUMENT|Invalid rank|Unexpected input data type",
+        r"Unexpected input data type",
+        "the ONNX model takes the pixels "
+        "as they are, a uint8 numpy array, not floats: image[None].numpy(), no conversion",
+    ),
+    (
+        14,
+        r"INVALID_ARGUMENT|Invalid rank",
         "the ONNX model takes a "
         "(N, 3, H, W) uint8 numpy array: add the batch dimension (image[None].numpy())",
     ),
@@ -131,8 +151,9 @@ def exception_verdict(question: int, error: Exception) -> str:
     place = where_raised(error)
     message = f"Q{question}: your code raised {what}" + (f" ({place})" if place else "")
     for hint_question, pattern, hint in EXCEPTION_HINTS:
-        if hint_question in (None, question) and re.search(pattern, what):
-            return f"{message}; {hint}"
+        match = re.search(pattern, what)
+        if hint_question in (None, question) and match:
+            return f"{message}; {hint if isinstance(hint, str) else hint(match)}"
     return message
 
 
@@ -1114,7 +1135,12 @@ def test_q11_always_wall_scores_as_in_the_handout():
 def expect_weights(weights: object, expected: list[float], method: str) -> None:
     expect_tensor(weights, (len(expected),), torch.float32, f"the {method} weights")
     hint = ""
-    if not math.isclose(float(weights[1:].mean()), 1.0, rel_tol=1e-4):
+    if not torch.isfinite(weights).all():
+        hint = (
+            "; a class of share 0 got the weight 1 / 0 = inf (and the mean with it): give each "
+            "unobserved class the largest weight of the observed ones"
+        )
+    elif not math.isclose(float(weights[1:].mean()), 1.0, rel_tol=1e-4):
         hint = (
             f"; the weights of the classes other than ignore_index should have a mean of 1, "
             f"theirs is {float(weights[1:].mean()):.4g}"
