@@ -4,11 +4,19 @@
     python progress.py --json progress.json     # the same as JSON, for the teacher
 
 Runs every self-check of tests/test_lab.py once (about half a minute on a laptop) and
-reports each question as done (all its checks pass), not started (its stub is still
-there), partly done (some checks pass, the others wait for a stub of the same question,
-such as Q14's optional ONNX part), waiting (it needs an earlier question first) or
-failing, with the first message of its checks. The exit status is 0 when every question
-is done, 1 when one is not, 2 when the checks could not run.
+reports each question as:
+
+- done: all its checks pass (and for Q3 and Q13, the commands to run, your own outputs are
+  there: sample.png and hist.json; a run under runs/ with best.pt and TensorBoard events);
+- to run: the checks of Q3 or Q13 pass, your outputs are missing;
+- partly done: some checks pass, the others wait for a stub of the same question (such as
+  Q14's optional ONNX part);
+- not started: its stub is still there;
+- waiting: it needs an earlier question first;
+- failing, with the first message of its checks.
+
+The exit status is 0 when every question is done, 1 when one is not, 2 when the checks
+could not run.
 
 With --json, the file also records when the checks ran and which questions came solved
 with the bundle (the file GIVEN of the bundle, written by the teacher's make_lab.py), for
@@ -63,6 +71,37 @@ def check_results(junit_file: Path) -> dict[str, tuple[bool, str]]:
                 message = (text.splitlines() or [child.tag])[0].removeprefix("Failed: ")
         results[case.get("name", "")] = (passed, message)
     return results
+
+
+def missing_outputs(question: int, folder: Path) -> str:
+    """For the questions that are commands to run (Q3, Q13): what of the student's own
+    outputs is not in the lab folder yet, as a sentence; "" when all is there."""
+    if question == 3:
+        missing = [name for name in ("sample.png", "hist.json") if not (folder / name).is_file()]
+        if missing:
+            return (
+                f"{' and '.join(missing)} not in the lab folder yet: run the commands of Q3 "
+                "in LAB.md (their checks pass)"
+            )
+    if question == 13:
+        runs = [best.parent for best in sorted(folder.glob("runs/*/best.pt"))]
+        if not any(any(run.glob("events.out.tfevents.*")) for run in runs):
+            return (
+                "no run of yours with best.pt and TensorBoard events under runs/ yet: run "
+                "the training of Q13 in LAB.md (its checks pass)"
+            )
+    return ""
+
+
+def with_own_outputs(statuses: list[Status], folder: Path) -> list[Status]:
+    """`statuses` where Q3 and Q13 count as done only once the student's own outputs exist."""
+    checked = []
+    for status in statuses:
+        missing = missing_outputs(status.question, folder)
+        if status.status == "done" and missing:
+            status = Status(status.question, "to run", missing)
+        checked.append(status)
+    return checked
 
 
 def question_statuses(results: dict[str, tuple[bool, str]]) -> list[Status]:
@@ -179,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json:
             check_json_path(Path(args.json))
-        statuses = question_statuses(run_self_checks(LAB_FOLDER))
+        statuses = with_own_outputs(question_statuses(run_self_checks(LAB_FOLDER)), LAB_FOLDER)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

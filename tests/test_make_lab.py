@@ -702,12 +702,14 @@ def test_progress_prints_one_line_per_question_and_writes_json(half_done):
     lines = result.stdout.splitlines()
     by_question = {int(m[1]): m[2] for m in map(re.compile(r"^Q(\d+) +(.*)$").match, lines) if m}
     assert sorted(by_question) == sorted(lab_questions())
-    assert by_question[1] == by_question[2] == by_question[3] == "done"
+    assert by_question[1] == by_question[2] == "done"
+    assert by_question[3].startswith("to run: sample.png and hist.json not in the lab folder")
     assert by_question[4] == "not started" and by_question[11] == "not started"
     assert by_question[10].startswith("failing: Q10: ") and "swapped" in by_question[10]
     assert by_question[13] == "waiting for Q4"
     saved = json.loads(report.read_text())
-    assert saved["name"] == "Ada" and saved["done"] == 3
+    assert saved["name"] == "Ada" and saved["done"] == 2
+    assert saved["given"] == [1, 2, 10] and saved["time"]
     statuses = {entry["question"]: entry for entry in saved["questions"]}
     assert statuses[10]["status"] == "failing" and "swapped" in statuses[10]["message"]
     assert statuses[5] == {"question": 5, "status": "not started", "message": ""}

@@ -72,3 +72,21 @@ def test_the_json_file_records_the_time_and_the_given_questions(tmp_path):
     assert report["time"][:2] == "20" and "T" in report["time"]
     assert json.loads(json.dumps(report)) == report
     assert progress.json_report("Ada", statuses, tmp_path / "elsewhere")["given"] == []
+
+
+def test_q3_and_q13_are_done_only_with_the_students_own_outputs(tmp_path):
+    passing = [progress.Status(3, "done"), progress.Status(13, "done"), progress.Status(5, "done")]
+    statuses = progress.with_own_outputs(passing, tmp_path)
+    assert [s.status for s in statuses] == ["to run", "to run", "done"]
+    assert "sample.png and hist.json" in statuses[0].message
+    assert "runs/" in statuses[1].message
+    (tmp_path / "sample.png").write_bytes(b"png")
+    (tmp_path / "hist.json").write_text("{}")
+    run = tmp_path / "runs" / "unet-small"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"pt")
+    assert progress.with_own_outputs(passing, tmp_path)[1].status == "to run"  # no events
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    assert [s.status for s in progress.with_own_outputs(passing, tmp_path)] == ["done"] * 3
+    failing = [progress.Status(3, "failing", "Q3: ...")]
+    assert progress.with_own_outputs(failing, tmp_path / "none") == failing
