@@ -444,7 +444,6 @@ def jitter_colors(images: torch.Tensor, strength: float) -> torch.Tensor:
     """
     if strength == 0:
         return images
-    # >>> Q4: jitter brightness, contrast and saturation
     # Drawn on the CPU, so that the factors depend on the seed only, not on the device.
     factors = 1 + strength * (2 * torch.rand(3, len(images), 1, 1, 1) - 1)
     brightness, contrast, saturation = factors.to(images.device)
@@ -456,7 +455,6 @@ def jitter_colors(images: torch.Tensor, strength: float) -> torch.Tensor:
     gray = grayscale(pixels)
     pixels.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 255)  # g + s (x - g)
     return pixels.round_().to(torch.uint8)
-    # <<< Q4
 
 
 def eval_transforms(img_size: int, resize_mask: bool = True) -> T.Transform:

@@ -809,3 +809,39 @@ def test_q14_compares_the_two_masks_with_the_command_it_gives(tmp_path):
         shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.stdout == "1 of 12 pixels differ\n", result.stdout + result.stderr
+
+
+def test_the_teachers_rubric_adds_up():
+    guide = (ROOT / "teacher" / "TEACHER.md").read_text()
+    rubric = guide[guide.index("## Grading the report") :]
+    rows = re.findall(r"^\| (.+?) \| (?:\*\*)?(\d+)(?:\*\*)? \| .*\|$", rubric, re.MULTILINE)
+    core = [int(points) for name, points in rows[: rows.index(("**Core**", "40"))]]
+    homework_rows = rows[rows.index(("**Core**", "40")) + 1 : -1]
+    assert sum(core) == 40 and rows[-1] == ("**Homework**", "20")
+    assert sum(int(points) for _, points in homework_rows) == 20
+    for question in (1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 14):
+        assert any(name.startswith(f"Q{question},") or name == f"Q{question}" for name, _ in rows)
+
+
+def test_the_question_times_add_up_to_the_time_plan():
+    table = LAB_TEXT[: LAB_TEXT.index("### Time plan")]
+    times = dict(
+        re.findall(r"^\| (Q\d+)(?: \(\w+\))? \|.*\| (\d+) min(?: \+ .*)? \|$", table, re.M)
+    )
+    assert sorted(times, key=lambda q: int(q[1:])) == [f"Q{n}" for n in range(1, 15)]
+    core = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 14)
+    setup = 15  # setup and reading, the first row of the plan
+    total = re.search(r"\*\*(\d) h (\d+) min\*\*", LAB_TEXT)
+    assert sum(int(times[f"Q{n}"]) for n in core) + setup == int(total[1]) * 60 + int(total[2])
+
+
+def test_the_dummy_tensor_of_q8_prints_the_shapes_of_the_encoder():
+    [command] = [
+        line.strip()[2:] for line in lab_questions()[8].splitlines() if "torch.zeros" in line
+    ]
+    result = subprocess.run(
+        command.replace("python ", f"{sys.executable} ", 1),
+        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    expected = "(1, 128, 16, 16) [(1, 16, 128, 128), (1, 32, 64, 64), (1, 64, 32, 32)]\n"
+    assert result.stdout == expected, result.stdout + result.stderr
