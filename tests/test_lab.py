@@ -147,7 +147,7 @@ def where_raised(error: BaseException) -> str:
 def exception_verdict(question: int, error: Exception) -> str:
     """One line for an exception raised by an answer: what, where, and the likely mistake."""
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    what = f"{type(error).__name__}: {first_line}"
+    what = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     place = where_raised(error)
     message = f"Q{question}: your code raised {what}" + (f" ({place})" if place else "")
     for hint_question, pattern, hint in EXCEPTION_HINTS:
@@ -176,6 +176,11 @@ def takes_up_to(seconds: float) -> Callable:
 
 class DeadlinePassed(Exception):
     """Raised into a check that runs longer than its deadline."""
+
+
+# The questions whose answer already ran out of time in a check: their other checks fail at
+# once, so that an endless loop costs one deadline per question, not one per check.
+_out_of_time: set[int] = set()
 
 
 @contextlib.contextmanager
@@ -231,6 +236,8 @@ def self_check(check: Callable) -> Callable:
     def run(*args, **kwargs):
         seconds = getattr(run, "deadline_s", CHECK_DEADLINE_S)
         try:
+            if question in _out_of_time:
+                raise DeadlinePassed
             with deadline(seconds):
                 return check(*args, **kwargs)
         except NotImplementedError as error:
@@ -238,6 +245,7 @@ def self_check(check: Callable) -> Callable:
         except AssertionError as error:
             message = f"Q{question}: {error}"
         except DeadlinePassed:
+            _out_of_time.add(question)
             message = (
                 f"Q{question}: did not finish in {seconds} s; an endless loop in "
                 "your code (a while loop whose condition never changes?)"
