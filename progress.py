@@ -8,9 +8,8 @@ reports each question as:
 
 - done: all its checks pass (and for Q3 and Q13, the commands to run, your own outputs are
   there: sample.png and hist.json; a run under runs/ with best.pt and TensorBoard events);
+  an optional part left as a stub (Q14's ONNX function) is named in its message;
 - to run: the checks of Q3 or Q13 pass, your outputs are missing;
-- partly done: some checks pass, the others wait for a stub of the same question (such as
-  Q14's optional ONNX part);
 - not started: its stub is still there;
 - waiting: it needs an earlier question first;
 - failing, with the first message of its checks.
@@ -39,6 +38,7 @@ from pathlib import Path
 
 LAB_FOLDER = Path(__file__).resolve().parent
 CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
+OPTIONAL_CHECK = "_optional_"  # in the name of a check of an optional part of a question
 # The questions given solved with the bundle, one "Qn" a line (written by make_lab.py).
 GIVEN_FILE = "GIVEN"
 # The whole run of the checks; each check has its own, shorter deadline (tests/test_lab.py).
@@ -106,30 +106,40 @@ def with_own_outputs(statuses: list[Status], folder: Path) -> list[Status]:
 
 def question_statuses(results: dict[str, tuple[bool, str]]) -> list[Status]:
     """One Status per question that has checks in `results`, in question order."""
-    by_question: dict[int, list[tuple[bool, str]]] = {}
+    by_question: dict[int, dict[str, tuple[bool, str]]] = {}
     for name, result in results.items():
         match = CHECK_NAME.match(name)
         if match:
-            by_question.setdefault(int(match["number"]), []).append(result)
-    statuses = []
-    for question, checks in sorted(by_question.items()):
-        statuses.append(question_status(question, checks))
-    return statuses
+            by_question.setdefault(int(match["number"]), {})[name] = result
+    return [question_status(q, checks) for q, checks in sorted(by_question.items())]
 
 
-def question_status(question: int, checks: list[tuple[bool, str]]) -> Status:
-    """The Status of `question` from the (passed, message) of each of its checks."""
-    messages = [message for passed, message in checks if not passed]
-    passed = len(checks) - len(messages)
+def question_status(question: int, checks: dict[str, tuple[bool, str]]) -> Status:
+    """The Status of `question` from {check name: (passed, message)} of its checks.
+
+    A check named test_qNN_optional_... belongs to an optional part of the question (Q14's
+    ONNX function): while that part is a stub, the question is done when the rest is.
+    """
+    stub = f"Q{question} is not implemented yet"
+    optional_left = {
+        name
+        for name, (passed, message) in checks.items()
+        if OPTIONAL_CHECK in name and not passed and stub in message
+    }
+    messages = [
+        message
+        for name, (passed, message) in checks.items()
+        if not passed and name not in optional_left
+    ]
     needs = [m for m in messages if re.match(rf"Q{question} needs Q\d+ first", m)]
-    stubs = [m for m in messages if f"Q{question} is not implemented yet" in m]
     if not messages:
-        return Status(question, "done")
-    if stubs and passed and len(stubs) == len(messages):
-        # A question in two parts, one answered (e.g. Q14: test and predict done, the
-        # optional ONNX function still a stub).
-        return Status(question, "partly done", f"{passed} of {len(checks)} checks pass; {stubs[0]}")
-    if stubs:
+        if optional_left and len(optional_left) < len(checks):
+            left = checks[min(optional_left)][1]
+            return Status(question, "done", f"its optional part is not started: {left}")
+        if not optional_left:
+            return Status(question, "done")
+        return Status(question, "not started")
+    if any(stub in m for m in messages):
         return Status(question, "not started")
     if len(needs) == len(messages):
         waiting_for = sorted({re.match(r"Q\d+ needs (Q\d+)", m)[1] for m in needs})

@@ -9,7 +9,7 @@ one line per question (how many students have done it, are failing it, have not 
 it...), then writes a picture: students down, questions across, one colored cell each.
 
 Letters and colors of the statuses of progress.py:
-    D done, R to run (checks pass, own outputs missing), P partly done, F failing,
+    D done, R to run (checks pass, own outputs missing), F failing,
     W waiting for an earlier question, N not started, G given with the bundle, . no record.
 
 A file that is not a progress report is named and left out; the command fails in one line
@@ -28,7 +28,6 @@ from pathlib import Path
 STATUSES: dict[str, tuple[str, str]] = {
     "done": ("D", "#2ca02c"),
     "to run": ("R", "#bcbd22"),
-    "partly done": ("P", "#98df8a"),
     "failing": ("F", "#d62728"),
     "waiting": ("W", "#ff9896"),
     "not started": ("N", "#c7c7c7"),

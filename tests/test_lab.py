@@ -1302,7 +1302,7 @@ class StandInNetwork(nn.Module):
 
 @takes_up_to(600)  # the export alone takes half a minute on a busy machine
 @self_check
-def test_q14_onnxruntime_gives_the_classes_of_predict(tmp_path):
+def test_q14_optional_onnxruntime_gives_the_classes_of_predict(tmp_path):
 
     torch.manual_seed(0)
     segmenter = models.Segmenter(StandInNetwork().eval(), img_size=32)

@@ -11,17 +11,27 @@ import progress
 STUB = "Q14 is not implemented yet: run the exported model with onnxruntime in main.py, see LAB.md"
 
 
-def test_a_question_with_one_part_left_is_partly_done_not_unstarted():
-    status = progress.question_status(14, [(True, ""), (True, ""), (False, STUB)])
-    assert status.status == "partly done"
-    assert status.message == f"2 of 3 checks pass; {STUB}"
-    assert progress.question_status(14, [(False, STUB)] * 3).status == "not started"
-    assert progress.question_status(14, [(True, "")] * 3).status == "done"
+def test_a_question_whose_optional_part_is_left_is_done_and_says_so():
+    checks = {"test_q14_test": (True, ""), "test_q14_predict": (True, ""),
+              "test_q14_optional_onnx": (False, STUB)}  # fmt: skip
+    status = progress.question_status(14, checks)
+    assert status.status == "done"
+    assert status.message == f"its optional part is not started: {STUB}"
+    every_stub = {name: (False, STUB) for name in checks}
+    assert progress.question_status(14, every_stub).status == "not started"
+    waiting = {**checks, "test_q14_test": (False, "Q14 needs Q5 first. Q5 is not ...")}
+    assert progress.question_status(14, waiting).status == "waiting for Q5"
+
+
+def test_a_question_with_given_code_and_a_stub_is_not_started():
+    stub = "Q4 is not implemented yet: build the geometric training augmentations"
+    checks = {"test_q04_jitter": (True, ""), "test_q04_crops": (False, stub)}
+    assert progress.question_status(4, checks).status == "not started"
 
 
 def test_a_long_failure_keeps_its_hint():
     message = "Q4: " + "x" * 300 + "; the likely mistake"
-    status = progress.question_status(4, [(True, ""), (False, message)])
+    status = progress.question_status(4, {"test_q04_a": (True, ""), "test_q04_b": (False, message)})
     assert status.status == "failing" and status.message == message
 
 
