@@ -654,7 +654,7 @@ def test_the_handout_covers_every_section():
     assert [h for h in found if h in headings] == headings
     facts = [
         "10,327", "15,714", "3,704", "13,268", "17,593", "9,890", "70,496", "#0D0D0D",
-        "33.67 %", "0.33 %", "venv", "conda", "synthetic.py", "python -m seglab.explore show",
+        "33.67 %", "0.33 %", "venv", "conda", "seglab.synthetic", "python -m seglab.explore show",
         "TensorBoard", "torchrun", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
         "--pretrained", "torch.export", "ONNX", "focal", "Dice", "frames/s",
     ]  # fmt: skip
