@@ -493,3 +493,28 @@ MISTAKES: dict[int, list[Mistake]] = {
         ),
     ],
 }
+
+
+# Right answers written another way than the solution: every check of their question must
+# pass (tests/test_lab_mistakes.py), so that the checks never refuse a correct answer.
+RIGHT_VARIANTS: dict[int, list[Mistake]] = {
+    5: [
+        mistake(
+            "the max-pool created first",
+            "models.py",
+            "UNetConvBlock",
+            "super().__init__()\n        self.block1 = nn.Sequential(",
+            "super().__init__()\nself.block3 = nn.MaxPool2d(kernel_size=2)\n"
+            "self.block1 = nn.Sequential(",
+        ),
+    ],
+    9: [
+        mistake(
+            "zeros instead of the replicated border",
+            "models.py",
+            "UNet",
+            'mode="replicate"',
+            'mode="constant"',
+        ),
+    ],
+}

@@ -19,7 +19,7 @@ import make_lab
 import pytest
 import test_lab
 from conftest import ROOT
-from lab_mistakes import MISTAKES, Mistake
+from lab_mistakes import MISTAKES, RIGHT_VARIANTS, Mistake
 from test_lab import tiny_run  # noqa: F401 (the training run that Q13's and Q14's checks use)
 
 
@@ -196,3 +196,21 @@ def test_an_answer_that_never_returns_or_raises_keyboard_interrupt_fails_its_che
     monkeypatch.setattr(test_lab, "_out_of_time", set())
     results = run_checks(1, request, tmp_path_factory)
     assert results and all(message.startswith(verdict) for message in results.values()), results
+
+
+@pytest.mark.parametrize(
+    ("question", "variant"),
+    [
+        pytest.param(question, variant, id=f"Q{question}-{variant.name.replace(' ', '-')}")
+        for question, variants in RIGHT_VARIANTS.items()
+        for variant in variants
+    ],
+)
+def test_each_right_answer_written_another_way_passes_its_checks(
+    question, variant, request, monkeypatch, tmp_path_factory
+):
+    prepare_fixtures(question, request)
+    module, other = wrong_definition(variant)
+    monkeypatch.setattr(module, variant.where, other)
+    results = run_checks(question, request, tmp_path_factory)
+    assert results and all(message is None for message in results.values()), results
