@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     questions = sorted({region.question for region in all_regions(source)})
     kind = "solution" if args.solution else "student"
-    given = f" ({', '.join(f'Q{n}' for n in sorted(give))} given solved)" if give else ""
+    given_now = sorted(give - kept)
+    given = f" ({', '.join(f'Q{n}' for n in given_now)} given solved)" if given_now else ""
     print(
         f"wrote the {kind} bundle to {out}: {len(bundle)} files, questions "
         f"{', '.join(f'Q{n}' for n in questions)}{given}"
