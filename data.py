@@ -363,16 +363,27 @@ class StanfordDataset(Dataset):
                 self.bad[candidate] = True
         raise DataError(f"every frame under {self.root} is unreadable")
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame `index` as `(image (3, H, W) uint8, mask (H, W) uint8)`, transforms applied."""
+    def read_frame(self, index: int) -> tuple[tv_tensors.Image, torch.Tensor]:
+        """Frame `index` as stored: `(image, semantic)`, the image `(3, H, W)` uint8 already
+        wrapped in `tv_tensors.Image`, the semantic colors `(3, H, W)` uint8, of one size.
+        (The RGB-D data set of seglab/depth.py returns its 4-channel image instead.)"""
         frame = self.frames[index]
         image = read_png(frame.rgb_path)
         semantic = read_png(frame.semantic_path, labels=True)
         if image.shape != semantic.shape:
             raise DataError(size_mismatch(frame, tuple(image.shape[1:]), tuple(semantic.shape[1:])))
+        return tv_tensors.Image(image), semantic
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame `index` as `(image (3, H, W) uint8, mask (H, W) uint8)`, transforms applied.
+
+        `self.transforms`, when not None, takes and returns `(image, tv_tensors.Mask)`;
+        return plain tensors (`.as_subclass(torch.Tensor)`).
+        """
+        image, semantic = self.read_frame(index)
         # >>> Q2: apply the transforms, then decode the labels
         if self.transforms is not None:
-            image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))
+            image, semantic = self.transforms(image, tv_tensors.Mask(semantic))
         mask = decode_semantic(semantic.as_subclass(torch.Tensor), self.label_table)
         return image.as_subclass(torch.Tensor), mask
         # <<< Q2
@@ -433,7 +444,6 @@ def jitter_colors(images: torch.Tensor, strength: float) -> torch.Tensor:
     """
     if strength == 0:
         return images
-    # >>> Q4: jitter brightness, contrast and saturation
     # Drawn on the CPU, so that the factors depend on the seed only, not on the device.
     factors = 1 + strength * (2 * torch.rand(3, len(images), 1, 1, 1) - 1)
     brightness, contrast, saturation = factors.to(images.device)
@@ -445,7 +455,6 @@ def jitter_colors(images: torch.Tensor, strength: float) -> torch.Tensor:
     gray = grayscale(pixels)
     pixels.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 255)  # g + s (x - g)
     return pixels.round_().to(torch.uint8)
-    # <<< Q4
 
 
 def eval_transforms(img_size: int, resize_mask: bool = True) -> T.Transform:

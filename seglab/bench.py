@@ -71,9 +71,16 @@ def naive_class_table(labels_path: Path) -> np.ndarray:
 
 
 def naive_classes(semantic: np.ndarray, class_table: np.ndarray) -> np.ndarray:
-    """Semantic colors `(H, W, 3)` uint8 -> class ids `(H, W)` int64, all in int64 numpy."""
-    channels = semantic.astype(np.int64)
-    label_index = channels[..., 0] * 65536 + channels[..., 1] * 256 + channels[..., 2]
+    """Semantic colors `(H, W, 3)` uint8 -> class ids `(H, W)` int64, in numpy.
+
+    The straightforward numpy way, independent of data.decode_semantic: a zero byte before
+    each pixel's three bytes makes a big-endian 32-bit label index, read through a view;
+    the int64 table then gives the classes.
+    """
+    height, width, _ = semantic.shape
+    four_bytes = np.zeros((height, width, 4), dtype=np.uint8)
+    four_bytes[..., 1:] = semantic
+    label_index = four_bytes.view(">u4")[..., 0]
     return class_table[np.minimum(label_index, len(class_table) - 1)]
 
 

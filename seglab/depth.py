@@ -173,31 +173,23 @@ class DepthDataset(data.StanfordDataset):
     (DataError, or left out with `skip_bad`).
     """
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame `index` as `(rgbd (4, H, W) uint8, mask (H, W) uint8)`, transforms applied."""
+    def read_frame(self, index: int) -> tuple[RGBDImage, torch.Tensor]:
+        """Frame `index` as stored: `(rgbd (4, H, W) uint8, semantic colors (3, H, W) uint8)`.
+        StanfordDataset.load transforms and decodes it like an RGB frame."""
         frame = self.frames[index]
         if not frame.depth_path.is_file():
             raise DataError(
                 f"{frame.depth_path} is missing (the depth of {frame.rgb_path}); training "
                 "with --inputs rgb depth needs the data set's depth folder"
             )
-        image = data.read_png(frame.rgb_path)
-        semantic = data.read_png(frame.semantic_path)
+        image, semantic = super().read_frame(index)
         depth = read_depth_channel(frame.depth_path)
-        if image.shape != semantic.shape:
-            raise DataError(
-                data.size_mismatch(frame, tuple(image.shape[1:]), tuple(semantic.shape[1:]))
-            )
         if depth.shape[1:] != image.shape[1:]:
             raise DataError(
                 f"{frame.depth_path} is {tuple(depth.shape[1:])} but {frame.rgb_path} is "
                 f"{tuple(image.shape[1:])}: depth and rgb must have the same size"
             )
-        rgbd = RGBDImage(torch.cat([image, depth]))
-        if self.transforms is not None:
-            rgbd, semantic = self.transforms(rgbd, tv_tensors.Mask(semantic))
-        mask = data.decode_semantic(semantic.as_subclass(torch.Tensor), self.label_table)
-        return rgbd.as_subclass(torch.Tensor), mask
+        return RGBDImage(torch.cat([image.as_subclass(torch.Tensor), depth])), semantic
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ needs onnxruntime. All three are optional (see README, "Dependencies").
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -45,6 +47,30 @@ def missing_package(package: str, purpose: str) -> ExportError:
         f"{purpose} needs the optional package {package}: pip install {package} "
         "(see README, Dependencies)"
     )
+
+
+@contextlib.contextmanager
+def quiet_trace_log():
+    """Drop the records of torch's structured trace log ("torch.__trace") while exporting.
+
+    torch.export logs every symbol and string of the graph it builds there, at DEBUG, for
+    the files of TORCH_TRACE; under pytest, whose handlers catch them too, a failing check
+    would print dozens of empty `DEBUG torch.__trace` lines. With TORCH_TRACE set, as when
+    debugging the exporter, the records go through as usual.
+    """
+    trace_log = logging.getLogger("torch.__trace")
+    if os.environ.get("TORCH_TRACE"):
+        yield
+        return
+
+    def drop_all(record: logging.LogRecord) -> bool:
+        return False
+
+    trace_log.addFilter(drop_all)
+    try:
+        yield
+    finally:
+        trace_log.removeFilter(drop_all)
 
 
 def dynamic_image_shapes() -> dict:
@@ -88,16 +114,17 @@ def export_onnx(segmenter: models.Segmenter, checkpoint: dict, path: Path) -> No
     except ImportError as error:
         raise missing_package(error.name or "onnx onnxscript", "exporting to ONNX") from None
     sample = torch.randint(0, 256, SAMPLE_SHAPE, dtype=torch.uint8)
-    program = torch.onnx.export(
-        segmenter.eval(),
-        (sample,),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_shapes=dynamic_image_shapes(),
-        opset_version=ONNX_OPSET,
-        dynamo=True,
-        verbose=False,
-    )
+    with quiet_trace_log():
+        program = torch.onnx.export(
+            segmenter.eval(),
+            (sample,),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=dynamic_image_shapes(),
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
     model_proto = program.model_proto
     for key, value in onnx_metadata(checkpoint).items():
         entry = model_proto.metadata_props.add()
@@ -109,9 +136,10 @@ def export_onnx(segmenter: models.Segmenter, checkpoint: dict, path: Path) -> No
 def export_program(segmenter: models.Segmenter, path: Path) -> None:
     """Write `segmenter` as a torch.export ExportedProgram (`torch.export.load` reads it)."""
     sample = torch.randint(0, 256, SAMPLE_SHAPE, dtype=torch.uint8)
-    program = torch.export.export(
-        segmenter.eval(), (sample,), dynamic_shapes=dynamic_image_shapes()
-    )
+    with quiet_trace_log():
+        program = torch.export.export(
+            segmenter.eval(), (sample,), dynamic_shapes=dynamic_image_shapes()
+        )
     replace_atomically(lambda temporary: torch.export.save(program, temporary), path)
 
 

@@ -29,6 +29,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -187,12 +188,32 @@ def predictions_figure(run_dir: Path, datadir: Path, out: Path, count: int = 3) 
 
 
 def shrink(path: Path) -> None:
-    """Rewrite a PNG with a palette of 256 colors: a third of the size or less, and the
-    flat colors of labels and plots stay exact."""
+    """Rewrite a PNG with a palette of at most 256 colors, a third of the size or less, in
+    which the class colors of data.CLASS_COLORS stay exact (the legends, the masks).
+
+    A plot has fewer colors than that and keeps them all. A photo gets an adaptive palette
+    for its other colors, plus the class colors as entries of their own: a pixel of a class
+    color maps to its own entry, never to a blend that median cut would put in its place.
+    """
     from PIL import Image
 
     with Image.open(path) as picture:
-        reduced = picture.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        rgb = picture.convert("RGB")
+    if rgb.getcolors(maxcolors=256) is None:
+        others = 256 - len(data.CLASS_COLORS)
+        adaptive = rgb.quantize(colors=others, method=Image.Quantize.MEDIANCUT)
+        # Entries others, others + 1, ...: the class colors, given to their pixels by hand
+        # (PIL's own lookup of a fixed palette is approximate).
+        indices = np.array(adaptive)
+        pixels = np.asarray(rgb)
+        class_colors = []
+        for entry, color in enumerate(data.CLASS_COLORS.values(), start=others):
+            indices[(pixels == np.array(color, dtype=np.uint8)).all(axis=-1)] = entry
+            class_colors += color
+        reduced = Image.fromarray(indices, mode="P")
+        reduced.putpalette(adaptive.getpalette()[: 3 * others] + class_colors)
+    else:
+        reduced = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     reduced.save(path, optimize=True)
 
 

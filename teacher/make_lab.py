@@ -40,9 +40,16 @@ docs/ (the handout's figures among them), slurm/, pyproject.toml and the self-ch
 figures.py, lab_timing.py; the teacher's guide TEACHER.md goes in the solution bundle
 only) are left out, and so are
 the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
-line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the
-files of the bundle are replaced and everything else in DIR (a student's data/ or runs/, say)
-is left alone. DIR must lie outside this folder. Two runs write identical trees.
+line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). With ``--give``, the bundle also
+holds GIVEN, the questions given solved, one ``Qn`` a line (progress.py --json reports them).
+
+``--out DIR`` may exist, e.g. a student's bundle to update: the files of the bundle are
+replaced, everything else in DIR (a student's data/ or runs/, say) is left alone, and a
+student's answer is never overwritten. In the six scripts, a function that holds a marked
+region and no longer holds its stub is an answer: it is kept as the student wrote it, even
+for a question given with ``--give``. A script that the student changed outside those
+functions is left as it is, and its new version written beside it as NAME.new. DIR must lie
+outside this folder. Two runs write identical trees.
 
 ``--time`` writes a bundle with every answer given to a temporary folder, runs there every
 command of the core of the lab as a student would, one after the other, and prints the wall
@@ -139,6 +146,8 @@ BINARY_FILES: frozenset[str] = frozenset(name for name in COPIED_FILES if name.e
 OPTIONAL_FILES: frozenset[str] = frozenset({"README.md"})
 # The teacher's guide: in the solution bundle, never in the students'.
 TEACHER_FILES: tuple[str, ...] = ("teacher/TEACHER.md",)
+# The questions given solved in a student bundle (progress.py reads it, same name there).
+GIVEN_FILE = "GIVEN"
 # Lines of README.md for the teacher only (see the top of this file).
 TEACHER_LINE = "<!-- teacher -->"
 TEACHER_BLOCK_END = "<!-- /teacher -->"
@@ -355,6 +364,8 @@ def build_bundle(
         # Only the executable bit is kept, so that the modes do not depend on the umask.
         mode = 0o755 if path.stat().st_mode & 0o100 else 0o644
         bundle[name] = (content, mode)
+    if give and not solution:
+        bundle[GIVEN_FILE] = ("".join(f"Q{n}\n" for n in sorted(give)).encode(), 0o644)
     return bundle
 
 
@@ -366,8 +377,18 @@ def all_regions(source: Path) -> list[Region]:
     return regions
 
 
+def check_source(source: Path) -> None:
+    """Refuse a --source that is not a solution folder, before anything reads it."""
+    if not source.is_dir():
+        raise MarkerError(f"--source {source}: no such folder")
+    missing = [name for name in SOLUTION_FILES if not (source / name).is_file()]
+    if missing:
+        raise MarkerError(f"--source {source} is not the lab's solution: {missing[0]} is missing")
+
+
 def check_out_dir(out: Path, source: Path) -> None:
-    """Refuse to write into the project itself, inside it, or over a file."""
+    """Refuse to write into the project itself, inside it, over a file or below one, or
+    where nothing can be written (a read-only disk, say), before writing any file."""
     out, source = out.resolve(), source.resolve()
     if out == source or source in out.parents:
         raise MarkerError(
@@ -376,15 +397,154 @@ def check_out_dir(out: Path, source: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise MarkerError(f"--out {out} is a file, not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MarkerError(f"--out {out} lies below {parent}, which is a file")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise MarkerError(f"--out {out} cannot be written: {error.strerror or error}") from None
 
 
 def write_bundle(bundle: dict[str, tuple[bytes, int]], out: Path) -> None:
-    """Write the files of `bundle` under `out`, replacing those already there."""
+    """Write the files of `bundle` under `out`, replacing those already there (see
+    update_bundle for a folder that may hold a student's answers)."""
     for name, (content, mode) in bundle.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
         path.chmod(mode)
+
+
+# ----------------------------------------------------------------------------------------
+# Updating a student's bundle in place
+
+
+def function_spans(text: str) -> dict[tuple[str, ...], tuple[int, int]]:
+    """{qualified name, e.g. ("UNet", "forward"): (first line, decorators in; last line)}
+    of every function of a module, methods and nested functions included (1-based)."""
+    spans: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def visit(body: list[ast.stmt], prefix: tuple[str, ...]) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = (*prefix, node.name)
+                if not isinstance(node, ast.ClassDef):
+                    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                    spans[name] = (first, node.end_lineno)
+                visit(node.body, name)
+
+    visit(ast.parse(text).body, ())
+    return spans
+
+
+def answer_functions(text: str, path: str) -> dict[tuple[str, ...], int]:
+    """{qualified name: question} of the innermost function around each marked region of
+    the solution file `text`."""
+    spans = function_spans(text)
+    functions = {}
+    for region in find_regions(text, path):
+        around = [n for n, (a, b) in spans.items() if a <= region.open_line <= b]
+        functions[max(around, key=len)] = region.question
+    return functions
+
+
+def without_lines(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` without the lines of `spans` (1-based, inclusive)."""
+    removed = {line for first, last in spans for line in range(first, last + 1)}
+    lines = text.splitlines(keepends=True)
+    return "".join(line for number, line in enumerate(lines, 1) if number not in removed)
+
+
+def keep_answers(
+    new: str, stubbed: str, student: str, functions: dict[tuple[str, ...], int]
+) -> tuple[str | None, set[int]]:
+    """The new version `new` of a script with the student's answers put back: (text, the
+    questions whose answers were kept). `stubbed` is the version with every stub, `student`
+    the file in the bundle, `functions` those that hold the answers (answer_functions).
+
+    A function is answered when it no longer holds the stub of its question. The text is
+    None when the student's file does not parse, lacks one of the functions, or differs
+    from the stubbed version outside them: it is then to be left as it is.
+    """
+    try:
+        student_spans = function_spans(student)
+    except SyntaxError:
+        return None, set()
+    stubbed_spans, new_spans = function_spans(stubbed), function_spans(new)
+    if any(name not in student_spans for name in functions):
+        return None, set()
+    outside_student = without_lines(student, [student_spans[name] for name in functions])
+    outside_stubbed = without_lines(stubbed, [stubbed_spans[name] for name in functions])
+    if outside_student != outside_stubbed:
+        return None, set()
+    student_lines = student.splitlines(keepends=True)
+    merged = new.splitlines(keepends=True)
+    kept = set()
+    # From the bottom up, so that the line numbers above stay valid.
+    for name in sorted(functions, key=lambda n: new_spans[n][0], reverse=True):
+        first, last = student_spans[name]
+        answer = "".join(student_lines[first - 1 : last])
+        if re.search(rf'NotImplementedError\(\s*"Q{functions[name]}: ', answer):
+            continue  # still the stub, at most reformatted
+        stub_first, stub_last = stubbed_spans[name]
+        if answer == "".join(stubbed.splitlines(keepends=True)[stub_first - 1 : stub_last]):
+            continue
+        new_first, new_last = new_spans[name]
+        merged[new_first - 1 : new_last] = student_lines[first - 1 : last]
+        kept.add(functions[name])
+    return "".join(merged), kept
+
+
+def given_questions(text: str) -> list[int]:
+    """The question numbers of a GIVEN file's text ("Q4\nQ9\n" -> [4, 9])."""
+    return [int(number) for number in re.findall(r"^Q(\d+)$", text, re.MULTILINE)]
+
+
+def update_bundle(
+    bundle: dict[str, tuple[bytes, int]], source: Path, out: Path
+) -> tuple[set[int], list[str]]:
+    """Write `bundle` into `out`, which may hold a student's answers: each script keeps
+    them (keep_answers), a script changed elsewhere is left as it is and its new version
+    written as NAME.new. Returns (the questions kept, the scripts left as they were)."""
+    kept: set[int] = set()
+    left_alone: list[str] = []
+    for name in SOLUTION_FILES:
+        existing = out / name
+        if name not in bundle or not existing.is_file():
+            continue
+        text = (source / name).read_text()
+        new = bundle[name][0].decode()
+        try:
+            student = existing.read_text()
+        except UnicodeDecodeError:
+            student = ""
+        if student == new:
+            continue
+        merged, questions = keep_answers(
+            new, student_version(text, name), student, answer_functions(text, name)
+        )
+        if merged is None:
+            left_alone.append(name)
+            bundle = {**bundle, f"{name}.new": bundle[name]}
+            del bundle[name]
+            continue
+        kept |= questions
+        bundle = {**bundle, name: (merged.encode(), bundle[name][1])}
+    # GIVEN: the questions given before, and those given now that the student had not
+    # answered already.
+    given_now = set(given_questions(bundle.get(GIVEN_FILE, (b"", 0))[0].decode())) - kept
+    given_file = out / GIVEN_FILE
+    given = given_now | set(given_questions(given_file.read_text() if given_file.is_file() else ""))
+    if given:
+        numbers = "".join(f"Q{n}\n" for n in sorted(given))
+        bundle = {**bundle, GIVEN_FILE: (numbers.encode(), 0o644)}
+    write_bundle(bundle, out)
+    return kept, left_alone
 
 
 def question_numbers(names: list[str], regions: list[Region]) -> frozenset[int]:
@@ -448,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.solution and args.give:
         parser.error("--give is for the student bundle; --solution already keeps every answer")
     try:
+        check_source(source)
         if args.list:
             for region in all_regions(source):
                 kind = "optional" if region.optional else "stub"
@@ -458,19 +619,31 @@ def main(argv: list[str] | None = None) -> int:
             return time_the_lab(source)
         give = question_numbers(args.give, all_regions(source))
         out = Path(args.out)
-        check_out_dir(out, source)
         bundle = build_bundle(source, args.solution, give)
+        check_out_dir(out, source)
+        kept, left_alone = update_bundle(bundle, source, out)
     except MarkerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    write_bundle(bundle, out)
+    except OSError as error:
+        print(f"error: cannot write --out {args.out}: {error.strerror or error}", file=sys.stderr)
+        return 1
     questions = sorted({region.question for region in all_regions(source)})
     kind = "solution" if args.solution else "student"
-    given = f" ({', '.join(f'Q{n}' for n in sorted(give))} given solved)" if give else ""
+    given_now = sorted(give - kept)
+    given = f" ({', '.join(f'Q{n}' for n in given_now)} given solved)" if given_now else ""
     print(
         f"wrote the {kind} bundle to {out}: {len(bundle)} files, questions "
         f"{', '.join(f'Q{n}' for n in questions)}{given}"
     )
+    if kept:
+        answers = ", ".join(f"Q{n}" for n in sorted(kept))
+        print(f"kept the answers already written in {out}: {answers}")
+    for name in left_alone:
+        print(
+            f"note: {out / name} was changed outside its answers: left as it is, the new "
+            f"version written to {name}.new"
+        )
     if "README.md" not in bundle:
         print("note: the project has no README.md, so neither has the bundle")
     return 0

@@ -97,7 +97,7 @@ MISTAKES: dict[int, list[Mistake]] = {
             "transforms never applied",
             "data.py",
             "StanfordDataset",
-            "image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))",
+            "image, semantic = self.transforms(image, tv_tensors.Mask(semantic))",
             "pass",
             hint="resize",
         ),
@@ -105,8 +105,8 @@ MISTAKES: dict[int, list[Mistake]] = {
             "only the image transformed",
             "data.py",
             "StanfordDataset",
-            "image, semantic = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(semantic))",
-            "image = self.transforms(tv_tensors.Image(image))",
+            "image, semantic = self.transforms(image, tv_tensors.Mask(semantic))",
+            "image = self.transforms(image)",
             hint="tv_tensors.Mask",
         ),
     ],
@@ -149,7 +149,7 @@ MISTAKES: dict[int, list[Mistake]] = {
             "jitter_colors",
             "torch.rand(3, len(images), 1, 1, 1)",
             "torch.rand(3, 1, 1, 1, 1)",
-            hint="its own factors",
+            hint="one per image, not one per batch",
         ),
         mistake(
             "no clipping: uint8 wraps around",
@@ -158,6 +158,30 @@ MISTAKES: dict[int, list[Mistake]] = {
             "return pixels.round_().to(torch.uint8)",
             "return (images.float() * brightness).to(torch.uint8)",
             hint="clip",
+        ),
+        mistake(
+            "upside-down flips too",
+            "data.py",
+            "train_transforms",
+            "T.RandomHorizontalFlip(),",
+            "T.RandomHorizontalFlip(),\nT.RandomVerticalFlip(),",
+            hint="RandomVerticalFlip",
+        ),
+        mistake(
+            "the scale argument ignored",
+            "data.py",
+            "train_transforms",
+            "T.RandomResizedCrop(img_size, scale=scale, antialias=True)",
+            "T.RandomResizedCrop(img_size, antialias=True)",
+            hint="pass `scale` on",
+        ),
+        mistake(
+            "contrast around the mean gray of the batch",
+            "data.py",
+            "jitter_colors",
+            "mean_gray = grayscale(pixels).mean(dim=(1, 2, 3), keepdim=True)",
+            "mean_gray = grayscale(pixels).mean()",
+            hint="each image on its own",
         ),
         mistake("no contrast", "data.py", "jitter_colors", CONTRAST, "", hint="contrast"),
         mistake("no saturation", "data.py", "jitter_colors", SATURATION, "", hint="saturation"),
@@ -249,6 +273,22 @@ MISTAKES: dict[int, list[Mistake]] = {
             hint="encoder_features",
         ),
         mistake(
+            "skip connection concatenated along the batch",
+            "models.py",
+            "UNetUpConvBlock",
+            "torch.cat([upsampled, encoder_features], dim=1)",
+            "torch.cat([upsampled, encoder_features], dim=0)",
+            hint="dim=1",
+        ),
+        mistake(
+            "skip connection concatenated along the height",
+            "models.py",
+            "UNetUpConvBlock",
+            "torch.cat([upsampled, encoder_features], dim=1)",
+            "torch.cat([upsampled, encoder_features], dim=2)",
+            hint="dim=1",
+        ),
+        mistake(
             "no padding after the upsampling",
             "models.py",
             "UNetUpConvBlock",
@@ -291,6 +331,14 @@ MISTAKES: dict[int, list[Mistake]] = {
             'images = nn.functional.pad(images, (0, pad_right, 0, pad_bottom), mode="replicate")',
             "pass",
             hint="pad it",
+        ),
+        mistake(
+            "padding at the top and on the left",
+            "models.py",
+            "UNet",
+            "(0, pad_right, 0, pad_bottom)",
+            "(pad_right, 0, pad_bottom, 0)",
+            hint="shifted against the pixels",
         ),
         mistake(
             "padding to a multiple of 2",
@@ -395,6 +443,14 @@ MISTAKES: dict[int, list[Mistake]] = {
             hint="largest weight",
         ),
         mistake(
+            "unseen class weighted 1 / 0",
+            "losses.py",
+            "class_weights_from_frequencies",
+            "weights[weighted & ~observed] = weights[observed].max()",
+            "weights[weighted & ~observed] = 1 / shares[weighted & ~observed]",
+            hint="share 0",
+        ),
+        mistake(
             "shares not renormalized without the ignored class",
             "losses.py",
             "class_weights_from_frequencies",
@@ -412,6 +468,14 @@ MISTAKES: dict[int, list[Mistake]] = {
             hint="batch dimension",
         ),
         mistake(
+            "pixels sent as floats",
+            "main.py",
+            "segment_with_onnxruntime",
+            "image[None].numpy()",
+            "image[None].float().numpy()",
+            hint="not floats",
+        ),
+        mistake(
             "argmax over the wrong axis",
             "main.py",
             "segment_with_onnxruntime",
@@ -426,6 +490,31 @@ MISTAKES: dict[int, list[Mistake]] = {
             "torch.from_numpy(logits[0].argmax(axis=0))",
             "torch.from_numpy(logits[0])",
             hint="classes",
+        ),
+    ],
+}
+
+
+# Right answers written another way than the solution: every check of their question must
+# pass (tests/test_lab_mistakes.py), so that the checks never refuse a correct answer.
+RIGHT_VARIANTS: dict[int, list[Mistake]] = {
+    5: [
+        mistake(
+            "the max-pool created first",
+            "models.py",
+            "UNetConvBlock",
+            "super().__init__()\n        self.block1 = nn.Sequential(",
+            "super().__init__()\nself.block3 = nn.MaxPool2d(kernel_size=2)\n"
+            "self.block1 = nn.Sequential(",
+        ),
+    ],
+    9: [
+        mistake(
+            "zeros instead of the replicated border",
+            "models.py",
+            "UNet",
+            'mode="replicate"',
+            'mode="constant"',
         ),
     ],
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import data
 import main
@@ -239,3 +241,14 @@ def test_benchmark_times_predict_in_pytorch_and_onnxruntime(monkeypatch):
     assert [row["name"].split()[0] for row in rows] == ["PyTorch", "onnxruntime"]
     assert all(row["ms"] > 0 and row["unit"] == "frame" for row in rows)
     assert "90x90" in rows[0]["group"]
+
+
+def test_exporting_leaves_no_trace_records_for_pytest_to_print(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("TORCH_TRACE", raising=False)
+    network = nn.Conv2d(3, data.NUM_CLASSES, kernel_size=3, padding=1)
+    network.size_multiple = 1
+    segmenter = models.Segmenter(network.eval(), img_size=32)
+    with caplog.at_level(logging.DEBUG):
+        export.export_onnx(segmenter, {"model_config": {"name": "conv"}, "img_size": 32},
+                           tmp_path / "model.onnx")  # fmt: skip
+    assert not [record for record in caplog.records if record.name == "torch.__trace"]

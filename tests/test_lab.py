@@ -15,11 +15,14 @@ seconds on a CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import json
 import math
 import re
+import signal
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +62,22 @@ def stub_verdict(question: int, message: str) -> str:
     return f"Q{question} needs Q{match['number']} first. {todo}"
 
 
+def channel_hint(match: re.Match) -> str:
+    """The hint for a convolution that got other channels than it was built for."""
+    expected, got = int(match["expected"]), int(match["got"])
+    if got * 2 == expected:
+        return (
+            f"the convolution after the concatenation gets {got} channels instead of "
+            f"{expected}: concatenate along the channels, torch.cat([...], dim=1) of "
+            "(B, C, H, W) tensors (dim 0 is the batch, 2 and 3 the height and width)"
+        )
+    return "a layer gets another number of channels than it was built for: check cin and cout"
+
+
 # Exceptions raised by an answer, and the likely mistake behind each: (question or None for
-# every question, a regular expression searched in "ErrorType: message", the hint).
-EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
+# every question, a regular expression searched in "ErrorType: message", the hint or a
+# function of the match that returns it).
+EXCEPTION_HINTS: list[tuple[int | None, str, str | Callable[[re.Match], str]]] = [
     (
         1,
         r"out of (bounds|range)|index \d+ is out",
@@ -93,6 +109,7 @@ EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
         "sizes meet: check the padding of the convolutions and which encoder features each up "
         "block receives",
     ),
+    (7, r"to have (?P<expected>\d+) channels, but got (?P<got>\d+) channels", channel_hint),
     (
         None,
         r"expected input\[.*\] to have \d+ channels|mat1 and mat2 shapes",
@@ -101,7 +118,13 @@ EXCEPTION_HINTS: list[tuple[int | None, str, str]] = [
     ),
     (
         14,
-        r"INVALID_ARGUMENT|Invalid rank|Unexpected input data type",
+        r"Unexpected input data type",
+        "the ONNX model takes the pixels "
+        "as they are, a uint8 numpy array, not floats: image[None].numpy(), no conversion",
+    ),
+    (
+        14,
+        r"INVALID_ARGUMENT|Invalid rank",
         "the ONNX model takes a "
         "(N, 3, H, W) uint8 numpy array: add the batch dimension (image[None].numpy())",
     ),
@@ -124,18 +147,86 @@ def where_raised(error: BaseException) -> str:
 def exception_verdict(question: int, error: Exception) -> str:
     """One line for an exception raised by an answer: what, where, and the likely mistake."""
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    what = f"{type(error).__name__}: {first_line}"
+    what = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     place = where_raised(error)
     message = f"Q{question}: your code raised {what}" + (f" ({place})" if place else "")
     for hint_question, pattern, hint in EXCEPTION_HINTS:
-        if hint_question in (None, question) and re.search(pattern, what):
-            return f"{message}; {hint}"
+        match = re.search(pattern, what)
+        if hint_question in (None, question) and match:
+            return f"{message}; {hint if isinstance(hint, str) else hint(match)}"
     return message
 
 
+# Seconds that one check may take (a few on a laptop, more on a busy machine), and the
+# training run of Q13 and Q14: an answer stuck in an endless loop fails its check instead of
+# hanging the checks forever. A check that needs longer says so with @takes_up_to(seconds).
+CHECK_DEADLINE_S = 60
+TRAINING_DEADLINE_S = 180
+
+
+def takes_up_to(seconds: float) -> Callable:
+    """Give the self-check below a deadline of its own (put it above @self_check)."""
+
+    def mark(check: Callable) -> Callable:
+        check.deadline_s = seconds
+        return check
+
+    return mark
+
+
+class DeadlinePassed(Exception):
+    """Raised into a check that runs longer than its deadline."""
+
+
+# The questions whose answer already ran out of time in a check: their other checks fail at
+# once, so that an endless loop costs one deadline per question, not one per check.
+_out_of_time: set[int] = set()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise DeadlinePassed in this thread if the block runs longer than `seconds`.
+
+    A watcher thread waits; when time is up, it asks Python to raise the exception in the
+    checked thread at its next Python instruction (a `while True: pass` stops there; a
+    single C call that never returns would not, but answers of this lab do not make one).
+    """
+    checked_thread = threading.get_ident()
+    finished = threading.Event()
+
+    def watch() -> None:
+        if not finished.wait(seconds):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(checked_thread), ctypes.py_object(DeadlinePassed)
+            )
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
+
+
+# A KeyboardInterrupt is the student's Ctrl-C only when the signal came: the same exception
+# raised by an answer is a wrong answer, reported like any other.
+_ctrl_c_pressed = threading.Event()
+
+
+def _on_ctrl_c(signal_number, frame) -> None:
+    _ctrl_c_pressed.set()
+    raise KeyboardInterrupt
+
+
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_ctrl_c)
+
+
 def self_check(check: Callable) -> Callable:
-    """Decorate a check named test_qNN_...: a stub, a failed expectation or an exception
-    raised by the answer comes out as one plain sentence about QNN, never a traceback."""
+    """Decorate a check named test_qNN_...: a stub, a failed expectation, an exception raised
+    by the answer or an answer that never returns comes out as one plain sentence about
+    QNN, never a traceback."""
     match = CHECK_NAME.match(check.__name__)
     if not match:
         raise ValueError(f"{check.__name__}: a self-check is named test_qNN_...")
@@ -143,12 +234,26 @@ def self_check(check: Callable) -> Callable:
 
     @functools.wraps(check)
     def run(*args, **kwargs):
+        seconds = getattr(run, "deadline_s", CHECK_DEADLINE_S)
         try:
-            return check(*args, **kwargs)
+            if question in _out_of_time:
+                raise DeadlinePassed
+            with deadline(seconds):
+                return check(*args, **kwargs)
         except NotImplementedError as error:
             message = stub_verdict(question, str(error))
         except AssertionError as error:
             message = f"Q{question}: {error}"
+        except DeadlinePassed:
+            _out_of_time.add(question)
+            message = (
+                f"Q{question}: did not finish in {seconds} s; an endless loop in "
+                "your code (a while loop whose condition never changes?)"
+            )
+        except KeyboardInterrupt as error:
+            if _ctrl_c_pressed.is_set():
+                raise
+            message = exception_verdict(question, error)
         except Exception as error:  # an answer that crashes: say where and, if known, why
             message = exception_verdict(question, error)
         # Outside the except clauses, so that the report shows no chained traceback.
@@ -424,6 +529,41 @@ def test_q04_crops_and_flips_are_random():
 
 
 @self_check
+def test_q04_floors_stay_below_ceilings():
+    image, mask = striped_pair()
+    image, mask = image.transpose(1, 2), mask.T  # horizontal stripes: class 1 at the top
+    transform = data.train_transforms(32)
+    for seed in range(16):
+        torch.manual_seed(seed)
+        _, out_mask = apply(transform, image, mask)
+        expect(
+            bool((torch.diff(out_mask[:, 0].long()) >= 0).all()),
+            f"with seed {seed}, the frame came out upside down: indoor frames have the floor "
+            "below and the ceiling above, and the test frames too; flip left-right only "
+            "(no RandomVerticalFlip)",
+        )
+
+
+@self_check
+def test_q04_crops_follow_the_scale_argument():
+    image, mask = striped_pair()  # 8 stripes of 8 pixels
+    for scale, classes_expected, what in [
+        ((1.0, 1.0), lambda n: n == 8, "all 8 stripes (the whole frame)"),
+        ((1 / 16, 1 / 16), lambda n: n <= 4, "at most 4 of the 8 stripes (a sixteenth)"),
+    ]:
+        transform = data.train_transforms(32, scale=scale)
+        for seed in range(8):
+            torch.manual_seed(seed)
+            _, out_mask = apply(transform, image, mask)
+            found = len(out_mask.unique())
+            expect(
+                classes_expected(found),
+                f"train_transforms(32, scale={scale}) should crop {what}, the crop of seed "
+                f"{seed} holds {found} stripes: pass `scale` on to RandomResizedCrop",
+            )
+
+
+@self_check
 def test_q04_crops_keep_the_colors():
     image = torch.empty(3, 40, 40, dtype=torch.uint8)
     image[0], image[1], image[2] = 100, 120, 140
@@ -492,8 +632,30 @@ def test_q04_jitter_colors_changes_the_contrast():
     # from) their mean: only contrast changes (light - dark) / (light + dark).
     contrast = ((light - dark) / (light + dark)) / ((120 - 40) / (120 + 40))
     expect(
+        (contrast - contrast[0]).abs().max() > 0.01 or (contrast[0] - 1).abs() < 0.01,
+        f"all 16 images got the same contrast factor ({float(contrast[0]):.3f}): each image "
+        "draws its own factors (one per image, not one per batch)",
+    )
+    expect(
         (contrast - 1).abs().max() > 0.1,
         "the contrast of a two-tone image never changed: jitter the contrast too",
+    )
+
+
+@self_check
+def test_q04_jitter_colors_treats_each_image_on_its_own():
+    images = two_tone((40, 40, 40), (120, 120, 120))
+    others = images.clone()
+    others[1:] = 250  # the same first image among very bright ones
+    torch.manual_seed(4)
+    alone = data.jitter_colors(images, 0.3)[0]
+    torch.manual_seed(4)
+    among_bright = data.jitter_colors(others, 0.3)[0]
+    expect(
+        torch.equal(alone, among_bright),
+        "the jitter of an image changed with the other images of the batch: take the mean "
+        "gray of the contrast step over each image on its own (dims 1, 2, 3), not over the "
+        "whole batch",
     )
 
 
@@ -510,6 +672,11 @@ def test_q04_jitter_colors_changes_the_saturation():
         luma(torch.tensor(red_color).float()) - luma(torch.tensor(gray_color).float())
     )
     saturation = colorfulness / gray_levels
+    expect(
+        (saturation - saturation[0]).abs().max() > 0.01 or (saturation[0] - 1).abs() < 0.01,
+        f"all 16 images got the same saturation factor ({float(saturation[0]):.3f}): each "
+        "image draws its own factors (one per image, not one per batch)",
+    )
     expect(
         (saturation - 1).abs().max() > 0.1,
         "the colorfulness of a red image never changed beyond brightness and contrast: "
@@ -537,6 +704,25 @@ def up_block_parameters(cin: int, cout: int) -> int:
 def leaf_layers(module: nn.Module) -> list[str]:
     """The layer types of `module` in the order they were created, containers left out."""
     return [type(m).__name__ for m in module.modules() if not list(m.children())]
+
+
+def applied_layers(module: nn.Module, run: Callable[[], object]) -> list[str]:
+    """The layer types of `module` in the order that `run()` applies them, containers left
+    out: the order of the computation, whatever the order in which __init__ made them."""
+    order: list[str] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda layer, inputs, output: order.append(type(layer).__name__)
+        )
+        for layer in module.modules()
+        if not list(layer.children())
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
 
 
 def parameter_mistake(module: nn.Module) -> str:
@@ -598,8 +784,8 @@ def test_q05_conv_block_shapes():
 def test_q05_conv_block_layers():
     block = models.UNetConvBlock(3, 8)
     expected = ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
-    layers = leaf_layers(block)
-    expect(layers == expected, f"expected the layers {expected} in this order, got {layers}")
+    layers = applied_layers(block, lambda: block(torch.randn(1, 3, 8, 8)))
+    expect(layers == expected, f"expected forward to apply {expected} in this order, got {layers}")
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
     expect(
         all(conv.kernel_size == (3, 3) and conv.padding == (1, 1) for conv in convs),
@@ -779,6 +965,30 @@ def test_q09_unet_takes_any_image_size():
     expect_tensor(logits, (1, 5, 50, 37), torch.float32, "the logits of a 50x37 image")
 
 
+class PassThrough(nn.Module):
+    """Stands in for the encoder and the decoder of Q9's check: the images go through as
+    they are, so that the UNet's "logits" are its padded and cropped input."""
+
+    def forward(self, images: torch.Tensor, features: object = None) -> object:
+        return images if features is not None else (images, [])
+
+
+@self_check
+def test_q09_logits_stay_aligned_with_the_pixels():
+    unet = models.UNet(num_classes=3, num_blocks=3, base_chan=4).eval()
+    unet.encoder, unet.decoder = PassThrough(), PassThrough()
+    images = torch.arange(50 * 37, dtype=torch.float32).view(1, 1, 50, 37).expand(1, 3, -1, -1)
+    with torch.no_grad():
+        output = unet(images)
+    expect_tensor(output, (1, 3, 50, 37), torch.float32, "the output of a 50x37 image")
+    expect(
+        torch.equal(output, images),
+        "the logits are shifted against the pixels of the image (and so against their "
+        "labels): pad at the bottom and on the right, (0, pad_right, 0, pad_bottom), so "
+        "that the crop [..., :H, :W] keeps every pixel in its place",
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # Q10, Q11: confusion matrix and scores
 
@@ -933,7 +1143,12 @@ def test_q11_always_wall_scores_as_in_the_handout():
 def expect_weights(weights: object, expected: list[float], method: str) -> None:
     expect_tensor(weights, (len(expected),), torch.float32, f"the {method} weights")
     hint = ""
-    if not math.isclose(float(weights[1:].mean()), 1.0, rel_tol=1e-4):
+    if not torch.isfinite(weights).all():
+        hint = (
+            "; a class of share 0 got the weight 1 / 0 = inf (and the mean with it): give each "
+            "unobserved class the largest weight of the observed ones"
+        )
+    elif not math.isclose(float(weights[1:].mean()), 1.0, rel_tol=1e-4):
         hint = (
             f"; the weights of the classes other than ignore_index should have a mean of 1, "
             f"theirs is {float(weights[1:].mean()):.4g}"
@@ -985,22 +1200,33 @@ def test_q12_unseen_class_gets_the_largest_weight():
 # Q13, Q14: training, testing and predicting from the command line
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
-    """A run of one epoch of a tiny UNet with the weighted cross-entropy; the error instead
-    when training fails, so that each check reports it under its own question."""
-    logdir = tmp_path_factory.mktemp("lab-runs")
+def train_tiny_run(synthetic_root: Path, logdir: Path) -> Path | Exception:
+    """One epoch of a tiny UNet with the core's loss (the plain cross-entropy: the weighted
+    one needs the homework Q12); the run folder, or the error when training fails."""
     args = [
         "train", "--datadir", str(synthetic_root), "--areas", "1", "--val-areas", "2",
-        "--num-blocks", "2", "--base-chan", "4", "--img-size", "32", "--loss", "wce",
+        "--num-blocks", "2", "--base-chan", "4", "--img-size", "32", "--loss", "ce",
         "--epochs", "1", "--batch-size", "2", "--warmup-steps", "1", "--workers", "0",
         "--device", "cpu", "--logdir", str(logdir), "--name", "tiny",
     ]  # fmt: skip
     try:
-        run_command(args, "python main.py train")
+        with deadline(TRAINING_DEADLINE_S):
+            run_command(args, "python main.py train")
+    except DeadlinePassed:
+        return AssertionError(
+            f"the tiny training run did not finish in {TRAINING_DEADLINE_S} s; an endless "
+            "loop in one of your answers? their own checks say which"
+        )
     except Exception as error:  # reported by the checks that need the run
         return error
     return logdir / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path | Exception:
+    """The tiny run of train_tiny_run, made once; the error instead when training fails, so
+    that each check reports it under its own question."""
+    return train_tiny_run(synthetic_root, tmp_path_factory.mktemp("lab-runs"))
 
 
 def run_command(args: list[str], what: str, script_main: Callable = main.main) -> None:
@@ -1074,8 +1300,9 @@ class StandInNetwork(nn.Module):
         return self.conv(images)
 
 
+@takes_up_to(600)  # the export alone takes half a minute on a busy machine
 @self_check
-def test_q14_onnxruntime_gives_the_classes_of_predict(tmp_path):
+def test_q14_optional_onnxruntime_gives_the_classes_of_predict(tmp_path):
 
     torch.manual_seed(0)
     segmenter = models.Segmenter(StandInNetwork().eval(), img_size=32)

@@ -14,11 +14,12 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+import lab_mistakes
 import make_lab
 import pytest
 import test_lab
 from conftest import ROOT
-from lab_mistakes import MISTAKES, Mistake
+from lab_mistakes import MISTAKES, RIGHT_VARIANTS, Mistake
 from test_lab import tiny_run  # noqa: F401 (the training run that Q13's and Q14's checks use)
 
 
@@ -162,3 +163,54 @@ def test_q14_needs_no_answer_to_the_optional_q9(request, monkeypatch, tmp_path_f
     assert run_checks(9, request, tmp_path_factory)["test_q09_unet_takes_any_image_size"]
     results = run_checks(14, request, tmp_path_factory)
     assert all(message is None for message in results.values()), results
+
+
+def test_q13_and_q14_need_no_answer_to_the_homework_q12(
+    request, monkeypatch, tmp_path_factory, synthetic_root
+):
+    import losses
+
+    def q12_stub(*args, **kwargs):
+        raise NotImplementedError("Q12: compute the class weights in losses.py, see LAB.md")
+
+    monkeypatch.setattr(losses, "class_weights_from_frequencies", q12_stub)
+    run = test_lab.train_tiny_run(synthetic_root, tmp_path_factory.mktemp("without-q12"))
+    assert isinstance(run, type(ROOT)), run
+    assert (run / "best.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        ("while True:\n    pass", "Q1: did not finish in 1 s; an endless loop"),
+        ("raise KeyboardInterrupt", "Q1: your code raised KeyboardInterrupt"),
+    ],
+)
+def test_an_answer_that_never_returns_or_raises_keyboard_interrupt_fails_its_check(
+    answer, verdict, request, monkeypatch, tmp_path_factory
+):
+    endless = Mistake("endless", "data.py", "decode_semantic", lab_mistakes.CLAMP, answer)
+    module, wrong = wrong_definition(endless)
+    monkeypatch.setattr(module, "decode_semantic", wrong)
+    monkeypatch.setattr(test_lab, "CHECK_DEADLINE_S", 1)
+    monkeypatch.setattr(test_lab, "_out_of_time", set())
+    results = run_checks(1, request, tmp_path_factory)
+    assert results and all(message.startswith(verdict) for message in results.values()), results
+
+
+@pytest.mark.parametrize(
+    ("question", "variant"),
+    [
+        pytest.param(question, variant, id=f"Q{question}-{variant.name.replace(' ', '-')}")
+        for question, variants in RIGHT_VARIANTS.items()
+        for variant in variants
+    ],
+)
+def test_each_right_answer_written_another_way_passes_its_checks(
+    question, variant, request, monkeypatch, tmp_path_factory
+):
+    prepare_fixtures(question, request)
+    module, other = wrong_definition(variant)
+    monkeypatch.setattr(module, variant.where, other)
+    results = run_checks(question, request, tmp_path_factory)
+    assert results and all(message is None for message in results.values()), results
