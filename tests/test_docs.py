@@ -58,6 +58,7 @@ PROGRAMS = (
     "seglab/synthetic.py",
     "teacher/make_lab.py",
     "teacher/figures.py",
+    "teacher/class_view.py",
 )
 
 # Pages that the documentation links to and that are written separately: a link to one of
@@ -100,6 +101,7 @@ SHELL_OPERATORS = frozenset({"|", "||", "&&", ";", "&"})
 @functools.cache
 def program_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every program of the project, by the path of its file, with its parser."""
+    import class_view
     import figures
 
     import main
@@ -118,6 +120,7 @@ def program_parsers() -> dict[str, argparse.ArgumentParser]:
         "seglab/synthetic.py": parser_of(synthetic.main),
         "teacher/make_lab.py": parser_of(make_lab.main),
         "teacher/figures.py": parser_of(figures.main_figures),
+        "teacher/class_view.py": parser_of(class_view.main),
     }
 
 
