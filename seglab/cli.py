@@ -21,10 +21,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-import data
-
 # The message of a stub in the students' version of the lab, as teacher/make_lab.py writes
 # it: "Qn: TASK in FILE, see LAB.md".
 LAB_STUB_MESSAGE = re.compile(r"^Q\d+: .* see LAB\.md$")
@@ -247,6 +243,8 @@ class InputsAction(argparse.Action):
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--datadir and --areas, as every data command spells them."""
+    import data  # here, not at the top: data.py imports torch, which not every program needs
+
     parser.add_argument(
         "--datadir",
         default=data.default_datadir(),
@@ -311,9 +309,6 @@ def run(
     except user_errors as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: {cuda_oom_message(args)}", file=sys.stderr)
-        return 2
     except OSError as error:
         # A full disk, a read-only folder, a file that vanished: the system's word for it.
         # The checkpoints already written are whole (see checkpoints.save_checkpoint).
@@ -330,6 +325,13 @@ def run(
         if not LAB_STUB_MESSAGE.match(message):
             raise
         print(f"error: {message} (the program needs it)", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        # torch.cuda.OutOfMemoryError, known by its name: this module leaves torch unimported,
+        # so that the teacher's tools start without it.
+        if type(error).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: {cuda_oom_message(args)}", file=sys.stderr)
         return 2
     finally:
         threading.excepthook, sys.unraisablehook = default_thread_hook, default_unraisable_hook

@@ -24,6 +24,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# The project's folder, for seglab.cli, whatever the current folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seglab import cli  # noqa: E402 (after the project's folder is on the path)
+
 # status word of progress.py (its first word) -> (letter, color of the picture)
 STATUSES: dict[str, tuple[str, str]] = {
     "done": ("D", "#2ca02c"),
@@ -157,20 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="folder of the students' progress.py --json files")
     parser.add_argument("--out", default="class.png", help="the picture to write (PNG)")
-    args = parser.parse_args(argv)
+    return cli.run(show_class, parser.parse_args(argv), (cli.FlagError,))
+
+
+def show_class(args: argparse.Namespace) -> int:
+    """Print the class's lines and draw its picture; FlagError for unusable paths."""
     folder, out = Path(args.folder), Path(args.out)
     if not folder.is_dir():
-        print(f"error: {folder}: no such folder", file=sys.stderr)
-        return 2
+        raise cli.FlagError(f"{folder}: no such folder")
     if not out.parent.is_dir() or out.is_dir():
-        print(f"error: --out {out}: not a file in an existing folder", file=sys.stderr)
-        return 2
+        raise cli.FlagError(f"--out {out}: not a file in an existing folder")
     reports, skipped = read_class(folder)
     for message in skipped:
         print(f"warning: left out {message}", file=sys.stderr)
     if not reports:
-        print(f"error: {folder} holds no progress.py --json file", file=sys.stderr)
-        return 2
+        raise cli.FlagError(f"{folder} holds no progress.py --json file")
     questions = all_questions(reports)
     print("\n".join(student_lines(reports, questions)))
     print()

@@ -69,6 +69,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # make_lab.py is in teacher/
+sys.path.insert(0, str(PROJECT_ROOT))  # for seglab.cli, whatever the current folder
+
+from seglab import cli  # noqa: E402 (after the project's folder is on the path)
 
 # The scripts whose marked regions are replaced by stubs.
 SOLUTION_FILES: tuple[str, ...] = (
@@ -602,32 +605,30 @@ def main(argv: list[str] | None = None) -> int:
         help="the solution folder (default: the project folder)",
     )
     args = parser.parse_args(argv)
-    source = Path(args.source)
     if not (args.list or args.time) and not args.out:
         parser.error("--out DIR is required (or --list, or --time)")
     if args.solution and args.give:
         parser.error("--give is for the student bundle; --solution already keeps every answer")
-    try:
-        check_source(source)
-        if args.list:
-            for region in all_regions(source):
-                kind = "optional" if region.optional else "stub"
-                where = f"{region.path}:{region.open_line}"
-                print(f"Q{region.question:<3} {where:<16} {kind:<8} {region.task}")
-            return 0
-        if args.time:
-            return time_the_lab(source)
-        give = question_numbers(args.give, all_regions(source))
-        out = Path(args.out)
-        bundle = build_bundle(source, args.solution, give)
-        check_out_dir(out, source)
-        kept, left_alone = update_bundle(bundle, source, out)
-    except MarkerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"error: cannot write --out {args.out}: {error.strerror or error}", file=sys.stderr)
-        return 1
+    return cli.run(run, args, (MarkerError,))
+
+
+def run(args: argparse.Namespace) -> int:
+    """List the regions, time the lab, or write (or update) the bundle, as `args` asks."""
+    source = Path(args.source)
+    check_source(source)
+    if args.list:
+        for region in all_regions(source):
+            kind = "optional" if region.optional else "stub"
+            where = f"{region.path}:{region.open_line}"
+            print(f"Q{region.question:<3} {where:<16} {kind:<8} {region.task}")
+        return 0
+    if args.time:
+        return time_the_lab(source)
+    give = question_numbers(args.give, all_regions(source))
+    out = Path(args.out)
+    bundle = build_bundle(source, args.solution, give)
+    check_out_dir(out, source)
+    kept, left_alone = update_bundle(bundle, source, out)
     questions = sorted({region.question for region in all_regions(source)})
     kind = "solution" if args.solution else "student"
     given_now = sorted(give - kept)

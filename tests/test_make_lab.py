@@ -204,7 +204,7 @@ def test_give_ships_the_chosen_answers_solved(tmp_path, capsys):
         for line in (out / name).read_text().splitlines():
             assert not make_lab.MARKER_LIKE.match(line), (name, line)
     for wrong in (["--give", "Q3"], ["--give", "Q99"], ["--give", "four"]):
-        assert make_lab.main(["--out", str(tmp_path / "other"), *wrong]) == 1
+        assert make_lab.main(["--out", str(tmp_path / "other"), *wrong]) == 2
         assert "not a question with code to give" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
@@ -507,7 +507,7 @@ def test_a_script_changed_outside_its_answers_is_left_as_it_is(tmp_path, capsys)
 )
 def test_bad_folders_are_refused_in_one_line(flags, error, tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a folder")
-    assert make_lab.main(flags(tmp_path)) == 1
+    assert make_lab.main(flags(tmp_path)) == 2
     message = capsys.readouterr().err
     assert message.startswith("error: ") and error in message and message.count("\n") == 1
     assert not (tmp_path / "lab").exists()
@@ -515,7 +515,7 @@ def test_bad_folders_are_refused_in_one_line(flags, error, tmp_path, capsys):
 
 def test_refuses_to_write_into_the_project(capsys):
     for out in (ROOT, ROOT / "student"):
-        assert make_lab.main(["--out", str(out)]) == 1
+        assert make_lab.main(["--out", str(out)]) == 2
         assert "inside the project" in capsys.readouterr().err
     assert not (ROOT / "student").exists()
 
@@ -585,7 +585,7 @@ def test_a_broken_marker_stops_the_command_before_writing(tmp_path):
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert re.match(r"error: models\.py:\d+: ", result.stderr), result.stderr
     assert not out.exists()
 
