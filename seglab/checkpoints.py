@@ -11,6 +11,7 @@ what comes out, `model_from_checkpoint` rebuilds its model, and `restore_run` an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import re
@@ -299,11 +300,49 @@ def make_checkpoint(
     }
     if position is not None:
         checkpoint["position"] = position
+    if run.training_data is not None:
+        checkpoint["training_data"] = run.training_data
     return checkpoint
+
+
+def training_data(frames) -> dict:
+    """What a resumed run must train on as before: the number of training frames, a hash
+    of their names in order, and the number of processes (each takes a share of every
+    batch). `frames` is the Subset of data.get_datasets."""
+    names = "\n".join(
+        f"{frame.area}/{frame.name}" for frame in (frames.dataset.frames[i] for i in frames.indices)
+    )
+    return {
+        "frames": len(frames.indices),
+        "frames_sha256": hashlib.sha256(names.encode()).hexdigest(),
+        "world_size": devices.world_size(),
+    }
+
+
+def check_training_data(saved: dict | None, current: dict, path: Path) -> None:
+    """Refuse to resume a run on other frames or with another number of processes: its
+    learning rate schedule, batches and data order would silently change."""
+    if saved is None or current is None:  # a checkpoint from before they were recorded
+        return
+    changes = []
+    if saved.get("frames") != current["frames"]:
+        changes.append(f"{current['frames']} training frames (the run has {saved.get('frames')})")
+    elif saved.get("frames_sha256") != current["frames_sha256"]:
+        changes.append(f"other training frames than the run's {current['frames']}")
+    if saved.get("world_size") != current["world_size"]:
+        changes.append(
+            f"{current['world_size']} process(es) (the run has {saved.get('world_size')})"
+        )
+    if changes:
+        raise CheckpointError(
+            f"--resume {path}: {'; '.join(changes)}. Resume with the run's data (--datadir, "
+            "--areas, --subset) and process count, or start a new run"
+        )
 
 
 def restore_run(run, checkpoint: dict, path: Path) -> None:
     """Load the states and counters of a checkpoint into `run`."""
+    check_training_data(checkpoint.get("training_data"), run.training_data, path)
     load_model_state(run.model, checkpoint["model_state"], path)
     try:
         run.optimizer.load_state_dict(checkpoint["optimizer_state"])

@@ -115,9 +115,9 @@ def export_program(segmenter: models.Segmenter, path: Path) -> None:
     replace_atomically(lambda temporary: torch.export.save(program, temporary), path)
 
 
-def onnx_session(path: str | Path):
-    """An onnxruntime.InferenceSession of the ONNX file at `path`, on the GPU when
-    onnxruntime has one, else on the CPU."""
+def onnx_session(path: str | Path, serialized: bytes | None = None):
+    """An onnxruntime.InferenceSession of the ONNX file at `path` (or of `serialized`, a
+    model taken from it), on the GPU when onnxruntime has one, else on the CPU."""
     try:
         import onnxruntime
     except ImportError:
@@ -128,7 +128,8 @@ def onnx_session(path: str | Path):
         if name in onnxruntime.get_available_providers()
     ]
     try:
-        return onnxruntime.InferenceSession(str(path), providers=providers)
+        source = str(path) if serialized is None else serialized
+        return onnxruntime.InferenceSession(source, providers=providers)
     except Exception as error:  # onnxruntime raises its own error types, all to be reported
         raise ExportError(f"cannot load {path} with onnxruntime: {error}") from None
 
@@ -153,6 +154,28 @@ def read_onnx_metadata(session) -> dict:
     return metadata
 
 
+def network_session(path: str | Path):
+    """An onnxruntime session of the network inside the ONNX file `path`: the part of its
+    graph between models.Segmenter's two resizes, which takes the normalized image at the
+    network's size and gives the logits at that size. Returns the session and the names of
+    its input and output. Needs the package onnx, to cut the graph."""
+    try:
+        import onnx
+        import onnx.utils
+    except ImportError:
+        raise missing_package("onnx", f"segmenting large pictures with {path}") from None
+    model_proto = onnx.load(str(path))
+    # In models.Segmenter's graph, the image resize is the first Resize, and the logits
+    # resize is the one that writes `logits`.
+    resizes = [node for node in model_proto.graph.node if node.op_type == "Resize"]
+    last = [node for node in resizes if list(node.output) == ["logits"]]
+    if not resizes or not last:
+        raise ExportError(f"{path}: its graph is not one that `python main.py export` writes")
+    input_name, output_name = resizes[0].output[0], last[0].input[0]
+    network = onnx.utils.Extractor(model_proto).extract_model([input_name], [output_name])
+    return onnx_session(path, network.SerializeToString()), input_name, output_name
+
+
 def export_checkpoint(model: str, out: Path) -> None:
     """The `export` command: the model of the checkpoint `model` (a path or a URL) as ONNX
     (.onnx) or torch.export (.pt2) in `out`."""
@@ -160,6 +183,8 @@ def export_checkpoint(model: str, out: Path) -> None:
         raise UsageError(f"--out {out}: name an .onnx or a .pt2 file")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if "://" not in model and Path(model).resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the --model file: name another file, or it is lost")
     model_file = downloads.local_model_file(model)
     checkpoint = checkpoints.load_checkpoint(model_file)
     if depth.uses_depth(checkpoint.get("inputs", ["rgb"])):

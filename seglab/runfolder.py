@@ -60,6 +60,13 @@ def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path
         )
     if not path.is_file():  # before anything is written to its folder (the lock)
         checkpoints.load_checkpoint(path)  # raises with its message
+    if name is not None and (Path(logdir) / name).resolve() != path.parent.resolve():
+        # The run continues in its own folder: --name would be silently ignored.
+        raise CheckpointError(
+            f"--resume {path} continues the run in {path.parent}, not in {Path(logdir) / name} "
+            f"(--logdir {logdir} --name {name}): drop --name, or start a new run without "
+            "--resume"
+        )
     return path.parent, path
 
 
@@ -157,6 +164,31 @@ def trim_jsonl(path: Path, last_epoch: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(kept[e] + "\n" for e in sorted(kept)))
     os.replace(temporary, path)
+
+
+def restore_best(run_dir: Path, checkpoint: dict) -> bool:
+    """On resuming from `checkpoint` (RUN_DIR/last.pt): put back best.pt when a run was
+    killed between saving last.pt and best.pt. When the checkpoint's epoch was the best,
+    best.pt is that checkpoint; returns False when best.pt is missing and its epoch's
+    weights are lost (the caller then lets the next epoch write it)."""
+    best = run_dir / "best.pt"
+    epoch = checkpoint["epoch"]
+    at_boundary = "position" not in checkpoint  # mid-epoch weights are not its epoch's
+    was_best = epoch > 0 and checkpoint["metrics"].get("miou") == checkpoint["best_miou"]
+    if at_boundary and was_best and best_epoch(best) != epoch:
+        checkpoints.save_checkpoint(checkpoint, best)
+        tqdm.write(f"wrote {best}: the run stopped before saving it after epoch {epoch}")
+    return best.exists() or epoch == 0
+
+
+def best_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`, or None when there is none to read."""
+    if not path.is_file():
+        return None
+    try:
+        return checkpoints.load_checkpoint(path)["epoch"]
+    except CheckpointError:
+        return None
 
 
 def save_epoch(run_dir: Path, record: dict, checkpoint: dict, is_best: bool) -> None:
