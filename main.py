@@ -258,7 +258,8 @@ def evaluate(
 def train(args: argparse.Namespace) -> int:
     """The `train` command: start a run, or continue one (--resume), in a run folder that
     no other process uses meanwhile; SIGTERM and SIGUSR1 stop it resumably."""
-    run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name)
+    name_given = "name" in getattr(args, "given", {"name"})
+    run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name, name_given)
     devices.setup_distributed()
     with (
         runfolder.RunFolderLock(run_dir, devices.is_main_process()) as lock,

@@ -35,8 +35,11 @@ def run_files_in(run_dir: Path) -> list[str]:
     return names + sorted(p.name for p in run_dir.glob(EVENTS_GLOB))[:1]
 
 
-def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to continue (None: a new run).
+def find_resume(
+    resume: str | None, logdir: str, name: str | None, name_given: bool = True
+) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to continue (None: a new run). `name_given`: the
+    user gave --name (else it is the default made of the model and the time).
 
     `resume` is None (a new run in LOGDIR/NAME), the path of a run's last.pt, or "auto":
     LOGDIR/NAME/last.pt when it exists, else a new run there, so that the same command,
@@ -60,7 +63,7 @@ def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path
         )
     if not path.is_file():  # before anything is written to its folder (the lock)
         checkpoints.load_checkpoint(path)  # raises with its message
-    if name is not None and (Path(logdir) / name).resolve() != path.parent.resolve():
+    if name_given and name is not None and (Path(logdir) / name).resolve() != path.parent.resolve():
         # The run continues in its own folder: --name would be silently ignored.
         raise CheckpointError(
             f"--resume {path} continues the run in {path.parent}, not in {Path(logdir) / name} "
