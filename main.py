@@ -537,7 +537,7 @@ def load_segmenter(
     model_file = downloads.local_model_file(model)
     if model_file.suffix == ".onnx":
         session = export.onnx_session(model_file)
-        metadata = export.read_onnx_metadata(session)  # refuses a file made for other classes
+        metadata = export.read_onnx_metadata(session, model_file)  # other classes: refused
         whole = functools.partial(segment_with_onnxruntime, session)
         in_parts = functools.cache(lambda: onnx_segmenter_in_parts(model_file, metadata))
         return functools.partial(inference.segment_by_size, whole, in_parts), ["rgb"]

@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 
 import data
 from data import DataError
-from seglab import checkpoints, cli, depth
+from seglab import cli, depth, downloads
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = "stanford2d3ds-decoded-cache"
@@ -67,6 +67,8 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read the cache manifest {path}: {error}") from None
+    except RecursionError:
+        raise DataError(f"cannot read the cache manifest {path}: nested too deep") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise DataError(f"{path} is not a manifest written by `python -m seglab.cache write`")
     if manifest.get("version") != CACHE_VERSION:
@@ -78,13 +80,22 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
     missing = [key for key in expected_keys if key not in manifest]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; {rebuild_hint(manifest, cache_root)}")
+    kinds = {"size": int, "source_root": str, "labels_sha256": str, "num_labels": int,
+             "classes": list, "areas": dict}  # fmt: skip
+    for key, kind in kinds.items():
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(
+                f"{path}: its {key} is a {type(value).__name__}, not a {kind.__name__}; "
+                f"{rebuild_hint(manifest, cache_root)}"
+            )
     if manifest["classes"] != list(data.CLASSES):
         raise DataError(
             f"the cache {cache_root} was made for the classes {manifest['classes']}, not "
             f"{list(data.CLASSES)}; {rebuild_hint(manifest, cache_root)}"
         )
     labels_path = Path(manifest["source_root"]) / data.LABELS_FILE
-    if labels_path.is_file() and checkpoints.file_sha256(labels_path) != manifest["labels_sha256"]:
+    if labels_path.is_file() and downloads.file_sha256(labels_path) != manifest["labels_sha256"]:
         raise DataError(
             f"the cache {cache_root} is stale: {labels_path} changed since the cache was "
             f"made; {rebuild_hint(manifest, cache_root)}"
@@ -373,7 +384,7 @@ def write_cache(
         "version": CACHE_VERSION,
         "size": size,
         "source_root": str(root),
-        "labels_sha256": checkpoints.file_sha256(labels_path),
+        "labels_sha256": downloads.file_sha256(labels_path),
         "num_labels": len(source.label_table) - 1,
         "classes": list(data.CLASSES),
         "inputs": inputs,

@@ -16,6 +16,8 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 import data
 import models
-from seglab import devices
+from seglab import cli, devices
 
 CHECKPOINT_FORMAT = "segmentation-lab/1"
 # What every checkpoint holds; main.make_checkpoint writes these and the training state.
@@ -76,6 +78,12 @@ def load_checkpoint(path: str | Path) -> dict:
         sibling = path.with_name("best.pt")
         hint = f" ({sibling} exists and can be used instead)" if sibling.is_file() else ""
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its part {damaged} fails its checksum (a copy or "
+            "a disk changed its bytes); copy it again or use another checkpoint"
+        )
     try:
         with warnings.catch_warnings():
             # A bare pickle of another protocol makes torch warn before it refuses the file.
@@ -89,8 +97,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     check_types(checkpoint, path, {"img_size": int, "epoch": int, "args": dict})
-    if checkpoint["img_size"] <= 0 or checkpoint["epoch"] < 0:
-        raise CheckpointError(f"{path}: its img_size or epoch is out of range")
+    if not 0 < checkpoint["img_size"] <= cli.MAX_IMG_SIZE or checkpoint["epoch"] < 0:
+        raise CheckpointError(
+            f"{path}: its img_size ({checkpoint['img_size']}; at most {cli.MAX_IMG_SIZE}) or "
+            f"epoch ({checkpoint['epoch']}) is out of range"
+        )
     bad = non_finite_tensors(checkpoint)
     if bad:
         raise CheckpointError(
@@ -171,6 +182,41 @@ ZIP_SIGNATURE = b"PK\x03\x04"
 PICKLE_PROTOCOL_OPCODE = 0x80
 
 
+def damaged_member(path: Path) -> str | None:
+    """The name of the first part of a checkpoint (a zip archive, as torch.save writes) whose
+    bytes fail their CRC-32, else None. torch.load does not check them: a flipped byte in a
+    tensor's data loads silently as another weight. Reading the file costs about a second a
+    gigabyte. Anything that is not a readable zip archive is left to torch.load to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+    except zlib.error:  # a compressed part whose stream is broken
+        return "a compressed part"
+
+
+def check_model_size(config: dict, path: str | Path) -> None:
+    """Refuse a model configuration larger than the flags of `train` allow (cli.MAX_*),
+    counted on the meta device: a damaged or hostile checkpoint asking for 6 blocks of 2048
+    channels must not allocate hundreds of gigabytes before its weights fail to fit."""
+    too_large = [
+        f"{key} {config[key]} (at most {limit})"
+        for key, limit in (
+            ("num_blocks", cli.MAX_UNET_BLOCKS),
+            ("base_chan", cli.MAX_BASE_CHANNELS),
+        )
+        if isinstance(config.get(key), int) and config[key] > limit
+    ]
+    if not too_large:
+        with torch.device("meta"):  # shapes only, no memory
+            count = models.count_parameters(models.build_model(**config))
+        if count > cli.MAX_UNET_PARAMETERS:
+            too_large.append(f"{count:,} parameters (at most {cli.MAX_UNET_PARAMETERS:,})")
+    if too_large:
+        raise CheckpointError(f"{path}: its model is too large: {', '.join(too_large)}")
+
+
 def load_failure(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) failed on `path`, in one line. torch's own message
     advises loading again with weights_only=False, which would run whatever code an
@@ -231,6 +277,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
         )
     config.pop("pretrained", None)  # the stored weights replace any pretrained ones
     try:
+        check_model_size(config, path)
         model = models.build_model(**config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot build its model {config}: {error}") from None

@@ -134,24 +134,56 @@ def onnx_session(path: str | Path, serialized: bytes | None = None):
         raise ExportError(f"cannot load {path} with onnxruntime: {error}") from None
 
 
-def read_onnx_metadata(session) -> dict:
-    """The metadata that `export_onnx` wrote, JSON decoded; refused for another project's
-    file or for other classes than this project's."""
+def read_onnx_metadata(session, path: str | Path = "the ONNX file") -> dict:
+    """The metadata that `export_onnx` wrote, JSON decoded; refused, naming `path`, for
+    another project's file, for other classes than this project's, and for a graph that
+    does not take `image` and give `logits` of this project's classes."""
     found = session.get_modelmeta().custom_metadata_map
     if found.get("format") != METADATA_FORMAT:
         raise ExportError(
-            "this ONNX file was not written by `python main.py export` (no "
-            f"{METADATA_FORMAT} metadata)"
+            f"{path} was not written by `python main.py export` (no {METADATA_FORMAT} metadata)"
         )
     metadata = {key: value for key, value in found.items() if key not in ("input", "output")}
     for key in ("classes", "class_colors", "model_config"):
-        metadata[key] = json.loads(found[key])
-    metadata["img_size"] = int(found["img_size"])
+        metadata[key] = metadata_json(found, key, path)
+    try:
+        metadata["img_size"] = int(found["img_size"])
+    except (KeyError, ValueError):
+        raise ExportError(f"{path}: its metadata img_size is not a whole number") from None
     if metadata["classes"] != list(data.CLASSES):
-        raise ExportError(
-            f"the ONNX model has the classes {metadata['classes']}, not {list(data.CLASSES)}"
-        )
+        raise ExportError(f"{path} has the classes {metadata['classes']}, not {list(data.CLASSES)}")
+    check_onnx_signature(session, path)
     return metadata
+
+
+def metadata_json(found: dict, key: str, path: str | Path):
+    """The metadata entry `key` of an ONNX file, decoded from JSON."""
+    if key not in found:
+        raise ExportError(f"{path}: its metadata lacks {key}; export the model again")
+    try:
+        return json.loads(found[key])
+    except (json.JSONDecodeError, RecursionError):
+        raise ExportError(
+            f"{path}: its metadata {key} is not JSON; export the model again"
+        ) from None
+
+
+def check_onnx_signature(session, path: str | Path) -> None:
+    """Refuse a graph whose input is not `image` `(N, 3, H, W)` uint8, or whose output
+    `logits` has another number of channels than this project's classes."""
+    inputs = [(item.name, item.type, item.shape) for item in session.get_inputs()]
+    if len(inputs) != 1 or inputs[0][0] != "image" or inputs[0][1] != "tensor(uint8)":
+        raise ExportError(
+            f"{path} takes {inputs}, not one input `image` of uint8: it is not a model that "
+            "`python main.py export` wrote"
+        )
+    outputs = {item.name: item.shape for item in session.get_outputs()}
+    shape = outputs.get("logits")
+    if shape is None or len(shape) != 4 or shape[1] != data.NUM_CLASSES:
+        raise ExportError(
+            f"{path} gives {outputs}, not `logits` of shape (N, {data.NUM_CLASSES}, H, W): it "
+            "is not a model of this project's classes"
+        )
 
 
 def network_session(path: str | Path):

@@ -61,10 +61,29 @@ def label_png_problem(raw: bytes) -> str | None:
     )
 
 
+# The most pixels a PNG may have: Pillow's decompression-bomb limit (a 2D-3D-S frame has
+# 1.2 million). A 20000 x 20000 frame would take 4.8 GB per copy in the loader.
+MAX_PNG_PIXELS = 89_478_485
+
+
+def png_size_problem(raw: bytes) -> str | None:
+    """Why a whole PNG is too large to decode (from the width and height of its IHDR chunk,
+    before anything is decoded), or None."""
+    if raw[12:16] != b"IHDR":
+        return "its first chunk is not IHDR (not a valid PNG)"
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if width * height > MAX_PNG_PIXELS:
+        return (
+            f"too large: {width} x {height} pixels, more than the {MAX_PNG_PIXELS:,} a PNG may "
+            "have here; scale it down or remove it"
+        )
+    return None
+
+
 def png_problem(raw: bytes, labels: bool = False) -> str | None:
     """What is wrong with the bytes of a PNG file (with `labels`, of a semantic PNG, which
     must be 8-bit RGB), or None when nothing is."""
-    return png_damage(raw) or (label_png_problem(raw) if labels else None)
+    return png_damage(raw) or png_size_problem(raw) or (label_png_problem(raw) if labels else None)
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
