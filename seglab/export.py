@@ -17,6 +17,7 @@ needs onnxruntime. All three are optional (see README, "Dependencies").
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,10 @@ def replace_atomically(write, path: Path) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a folder that turned read-only
+        raise ExportError(
+            f"cannot write {path}: {error.strerror or error}; nothing was written"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -112,7 +117,12 @@ def export_program(segmenter: models.Segmenter, path: Path) -> None:
     program = torch.export.export(
         segmenter.eval(), (sample,), dynamic_shapes=dynamic_image_shapes()
     )
-    replace_atomically(lambda temporary: torch.export.save(program, temporary), path)
+    # Saved into memory first: torch.export.save writes through a C++ zip writer that
+    # aborts the whole interpreter when a write fails (a full disk), where Python's own
+    # writes raise an error that can be reported.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    replace_atomically(lambda temporary: temporary.write_bytes(buffer.getvalue()), path)
 
 
 def onnx_session(path: str | Path, serialized: bytes | None = None):

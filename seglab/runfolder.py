@@ -11,6 +11,7 @@ in a folder (RunFolderLock).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -141,6 +142,19 @@ class RunFolderLock:
     def __exit__(self, *exc_info) -> None:
         if self.file is not None:
             self.file.close()  # closing the file releases the lock
+
+
+def discard_unsaved_run(run_dir: Path, writer) -> None:
+    """After a new run failed: when it saved no checkpoint, close its TensorBoard `writer`
+    and delete its events and metrics files, which would make the same command refuse the
+    folder as holding a run, and suggest a --resume of a last.pt that does not exist."""
+    if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
+        return
+    with contextlib.suppress(OSError):  # the error being raised matters more
+        writer.close()
+    for path in [run_dir / "metrics.jsonl", *run_dir.glob(EVENTS_GLOB)]:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def append_jsonl(path: Path, record: dict) -> None:
