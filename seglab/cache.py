@@ -311,7 +311,10 @@ def locked_cache_dir(out: Path):
                 f"--out {out} is being written by another `cache write`: wait for it to end, or "
                 "choose another --out"
             ) from None
-        yield
+        try:
+            yield
+        finally:  # removed while still held: a later run locks a file of its own
+            (out / CACHE_LOCK).unlink(missing_ok=True)
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -396,20 +399,23 @@ def write_cache(
     source = reader(root, areas, data.eval_transforms(size))
     check_free_space(out, len(source) * (image_channels(inputs) + 1) * size * size)
     created = not out.exists()
-    with locked_cache_dir(out):
-        prepare_cache_dir(out)
-        try:
-            return write_frames(source, out, size, inputs, root, workers, skip_bad, progress)
-        except BaseException as error:  # a full disk, Ctrl-C: no half-written cache is left
-            remove_partial_cache(out, created)
-            if isinstance(error, OSError) and error.filename is None:  # e.g. a file's close
-                error.filename = str(out)
-            raise
+    try:
+        with locked_cache_dir(out):
+            prepare_cache_dir(out)
+            try:
+                return write_frames(source, out, size, inputs, root, workers, skip_bad, progress)
+            except BaseException as error:  # a full disk, Ctrl-C: no half-written cache
+                remove_partial_cache(out)
+                if isinstance(error, OSError) and error.filename is None:  # a file's close
+                    error.filename = str(out)
+                raise
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):  # refused or failed
+            out.rmdir()
 
 
-def remove_partial_cache(out: Path, created: bool) -> None:
-    """Delete what an interrupted `cache write` wrote in `out`, and `out` itself when this
-    run `created` it and nothing else is left in it."""
+def remove_partial_cache(out: Path) -> None:
+    """Delete what an interrupted `cache write` wrote in `out`."""
     with contextlib.suppress(OSError):
         for name in (CACHE_MANIFEST, CACHE_MANIFEST + ".tmp"):
             (out / name).unlink(missing_ok=True)
@@ -417,9 +423,6 @@ def remove_partial_cache(out: Path, created: bool) -> None:
             for name in (CACHE_IMAGES, CACHE_MASKS):
                 (folder / name).unlink(missing_ok=True)
             folder.rmdir()
-        if created and [path.name for path in out.iterdir()] == [CACHE_LOCK]:
-            (out / CACHE_LOCK).unlink()
-            out.rmdir()
 
 
 def write_frames(
