@@ -4,8 +4,12 @@
     python main.py export --model best.pt --out model.pt2       (torch.export.ExportedProgram)
 
 Both hold `models.Segmenter`, the whole of `python main.py predict` in one graph: input
-`image`, `(N, 3, H, W)` uint8 RGB with any N, H and W; output `logits`, `(N, 14, H, W)`
-float32 at the input's size; the argmax over dim 1 is the class of each pixel. An ONNX file
+`image`, `(N, 3, H, W)` uint8 RGB with N from 1 to 4096 and H and W from 1 to 16384 (the
+ranges of `dynamic_image_shapes`: a .pt2 program refuses other sizes; split larger batches,
+scale larger pictures down or segment them with `main.py predict`); output `logits`,
+`(N, 14, H, W)` float32 at the input's size; the argmax over dim 1 is the class of each
+pixel. At full size the logits take 56 bytes a pixel: 2.8 GB for a 50-megapixel photo,
+which `main.py predict` avoids (seglab/inference.py). An ONNX file
 also carries, as metadata, the class names in order, their colors, the model configuration
 and the training size (`read_onnx_metadata`).
 
@@ -48,11 +52,17 @@ def missing_package(package: str, purpose: str) -> ExportError:
     )
 
 
+# The sizes an exported program takes: torch.export needs bounds, and a .pt2 program
+# refuses inputs past them (onnxruntime does not check them).
+MAX_EXPORT_BATCH, MAX_EXPORT_SIDE = 4096, 16384
+
+
 def dynamic_image_shapes() -> dict:
-    """`dynamic_shapes` of torch.export for the input `image`: batch, height, width free."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    height = torch.export.Dim("height", min=1, max=16384)
-    width = torch.export.Dim("width", min=1, max=16384)
+    """`dynamic_shapes` of torch.export for the input `image`: batch, height and width free
+    up to MAX_EXPORT_BATCH and MAX_EXPORT_SIDE."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    height = torch.export.Dim("height", min=1, max=MAX_EXPORT_SIDE)
+    width = torch.export.Dim("width", min=1, max=MAX_EXPORT_SIDE)
     return {"images": {0: batch, 2: height, 3: width}}
 
 
@@ -64,7 +74,7 @@ def onnx_metadata(checkpoint: dict) -> dict[str, str]:
         "class_colors": json.dumps([list(color) for color in data.CLASS_COLORS.values()]),
         "model_config": json.dumps(checkpoint["model_config"]),
         "img_size": str(checkpoint["img_size"]),
-        "input": "image: (N, 3, H, W) uint8 RGB, any N, H, W",
+        "input": "image: (N, 3, H, W) uint8 RGB, N up to 4096, H and W up to 16384",
         "output": "logits: (N, K, H, W) float32; argmax over dim 1 gives the class ids",
     }
 
@@ -241,5 +251,6 @@ def export_checkpoint(model: str, out: Path) -> None:
     else:
         export_program(segmenter, out)
     print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images of any size in, logits out"
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images in (up to "
+        f"{MAX_EXPORT_BATCH} of up to {MAX_EXPORT_SIDE} px a side), logits out"
     )

@@ -253,3 +253,19 @@ def test_check_skips_a_fifo_with_a_line(root_copy):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert f"cannot read {rgb}: not a regular file" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# Claims: the sizes an exported program takes are the ones its docstring states
+
+
+def test_a_pt2_program_takes_the_sizes_its_documentation_states(tmp_path):
+    path = small_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "model.pt2"
+    assert main.main(["export", "--model", str(path), "--out", str(out)]) == 0
+    program = torch.export.load(out).module()
+    side = export.MAX_EXPORT_SIDE
+    assert f"H and W from 1 to {side}" in export.__doc__
+    assert program(torch.zeros(1, 3, side, 1, dtype=torch.uint8)).shape == (1, 14, side, 1)
+    with pytest.raises(Exception, match=str(side)):
+        program(torch.zeros(1, 3, side + 1, 1, dtype=torch.uint8))
