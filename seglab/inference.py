@@ -201,8 +201,9 @@ def segment_files(
 # picture at once: its float copy (12 bytes a pixel) and its logits at full size (4 bytes a
 # pixel and class, 56 for 14 classes) take 3 GB for a 50-megapixel photo, while the network
 # itself sees only about img_size**2 pixels. The functions below give the same class ids,
-# bit for bit, working on one channel at a time: the float copy of one color channel, then
-# the logits of one class at full size, folded into a running argmax.
+# bit for bit, holding one color channel in float, then the logits resized in width only,
+# then those of one band of columns at full height, whose argmax is taken at once. They run
+# on the device of the model, as models.Segmenter did, and the class ids come to the host.
 
 
 def network_input(segmenter: models.Segmenter, image: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,8 @@ def network_input(segmenter: models.Segmenter, image: torch.Tensor) -> torch.Ten
     float32 at the network's size. Each color channel is normalized and resized alone,
     with the same operations as models.Segmenter.forward, so the values are the same."""
     size = segmenter.network_size(*image.shape[-2:])
-    mean, std = torch.tensor(data.MEAN), torch.tensor(data.STD)
+    mean = torch.tensor(data.MEAN, device=image.device)
+    std = torch.tensor(data.STD, device=image.device)
     parts = []
     for channel in range(3):
         values = image[None, channel : channel + 1].float()  # the only full-size float copy
@@ -225,17 +227,17 @@ def network_input(segmenter: models.Segmenter, image: torch.Tensor) -> torch.Ten
 
 def class_ids_at_size(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The argmax over classes of `logits` `(1, K, h, w)` resized to `height` x `width` as
-    models.Segmenter resizes them: `(height, width)` uint8.
+    models.Segmenter resizes them: `(height, width)` uint8, on the host.
 
     A bilinear resize is separable, and PyTorch computes it as one: resizing the width
     first, then each band of columns in height alone, gives the same values bit for bit as
     resizing both at once (the tests check it). Only the logits resized in width (4 * K * h
     bytes a column) and those of one band are held, never all of them at full size.
     """
-    logits = logits.float().cpu()
+    logits = logits.float()
     if height < logits.shape[2] or width < logits.shape[3]:  # smaller than the network's input
         whole = F.interpolate(logits, size=(height, width), mode="bilinear")
-        return whole.argmax(dim=1)[0].to(torch.uint8)
+        return whole.argmax(dim=1)[0].to(torch.uint8).cpu()
     wide = F.interpolate(logits, size=(logits.shape[2], width), mode="bilinear")
     ids = torch.empty((height, width), dtype=torch.uint8)
     band_width = max(1, BAND_PIXELS // height)
@@ -243,15 +245,15 @@ def class_ids_at_size(logits: torch.Tensor, height: int, width: int) -> torch.Te
         columns = slice(left, min(left + band_width, width))
         band = wide[:, :, :, columns].contiguous()
         band = F.interpolate(band, size=(height, band.shape[3]), mode="bilinear")
-        ids[:, columns] = band.argmax(dim=1)[0].to(torch.uint8)
+        ids[:, columns] = band.argmax(dim=1)[0].to(torch.uint8).cpu()
     return ids
 
 
 @torch.no_grad()
 def segment_in_parts(segmenter: models.Segmenter, image: torch.Tensor, device) -> torch.Tensor:
     """Class ids `(H, W)` uint8 of `image` `(C, H, W)` uint8, equal to the argmax of
-    `segmenter(image[None])`, in a fraction of its memory (see above)."""
-    inputs = network_input(segmenter, image).to(device)
+    `segmenter(image[None])`, in a fraction of its memory (see above), on `device`."""
+    inputs = network_input(segmenter, image.to(device))
     logits = segmenter.model(inputs)
     return class_ids_at_size(logits, *image.shape[-2:])
 
