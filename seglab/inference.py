@@ -271,8 +271,13 @@ class OnnxNetwork(torch.nn.Module):
         self.session, self.input_name, self.output_name = export.network_session(path)
         config = dict(metadata["model_config"])
         config.pop("pretrained", None)  # weights come from the file, never downloaded
-        with torch.device("meta"):  # only its size_multiple is needed: allocate nothing
-            self.size_multiple = models.build_model(**config).size_multiple
+        try:
+            with torch.device("meta"):  # only its size_multiple is needed: allocate nothing
+                self.size_multiple = models.build_model(**config).size_multiple
+        except (TypeError, ValueError) as error:
+            raise export.ExportError(
+                f"{path}: its metadata model_config is wrong ({error})"
+            ) from None
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: inputs.cpu().numpy()}

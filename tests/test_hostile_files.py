@@ -269,3 +269,18 @@ def test_a_pt2_program_takes_the_sizes_its_documentation_states(tmp_path):
     assert program(torch.zeros(1, 3, side, 1, dtype=torch.uint8)).shape == (1, 14, side, 1)
     with pytest.raises(Exception, match=str(side)):
         program(torch.zeros(1, 3, side + 1, 1, dtype=torch.uint8))
+
+
+def test_a_large_picture_with_an_onnx_file_of_a_wrong_model_config(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from seglab import inference
+
+    checkpoint = small_checkpoint(tmp_path / "model.pt")
+    path = tmp_path / "model.onnx"
+    assert main.main(["export", "--model", str(checkpoint), "--out", str(path)]) == 0
+    metadata = {"model_config": {"name": "unet", "num_classes": 14, "wings": 2}}
+    with pytest.raises(export.ExportError, match="its metadata model_config is wrong"):
+        inference.OnnxNetwork(path, metadata)
+    other = onnx_file(tmp_path / "other.onnx")  # no resize around a network
+    with pytest.raises(export.ExportError, match="its graph is not one that"):
+        inference.OnnxNetwork(other, metadata)
