@@ -339,14 +339,6 @@ def write_to(file, payload: bytes) -> None:
         raise OSError(error.errno, error.strerror, file.name) from None
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """worker_init_fn: a loader worker ignores Ctrl-C (SIGINT reaches every process of the
-    terminal's group), which would otherwise print its own traceback."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def prepare_cache_dir(out: Path) -> None:
     """Create `out`, or empty it of an earlier cache; refuse a directory holding anything else.
 
@@ -434,11 +426,7 @@ def write_frames(
 
     names: dict[str, list[str]] = {}
     skipped: list[str] = []
-    # The workers ignore Ctrl-C: the main process ends them, and prints the one line.
-    loader = DataLoader(
-        FramesForCache(source), batch_size=None, num_workers=workers,
-        worker_init_fn=ignore_interrupts,
-    )  # fmt: skip
+    loader = DataLoader(FramesForCache(source), batch_size=None, num_workers=workers)
     with contextlib.ExitStack() as open_files:
         files: dict[str, tuple] = {}
         for index, image, mask, error in tqdm(

@@ -197,3 +197,24 @@ def test_a_run_failing_on_its_first_batch_can_be_run_again(
     time.sleep(1)  # TensorBoard names its files by the second
     assert main.main(argv) == 0
     assert (tmp_path / "first" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("module", ["seglab.cache", "seglab.explore"])
+def test_ctrl_c_while_starting_is_one_line(synthetic_root, tmp_path, module):
+    """Ctrl-C in the seconds of importing torch, before the command runs."""
+    args = ["write", "--out", str(tmp_path / "cache")] if module == "seglab.cache" else ["show"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args, "--datadir", str(synthetic_root)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    # Once torch's library is mapped, the package's startup code has run and torch is
+    # being imported.
+    maps = Path(f"/proc/{process.pid}/maps")
+    while "libtorch" not in maps.read_text():
+        assert process.poll() is None
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr
+    assert not (tmp_path / "cache").exists()
