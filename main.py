@@ -261,11 +261,19 @@ def train(args: argparse.Namespace) -> int:
     name_given = "name" in getattr(args, "given", {"name"})
     run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name, name_given)
     devices.setup_distributed()
+    earlier_files = runfolder.progress_files(run_dir)
     with (
         runfolder.RunFolderLock(run_dir, devices.is_main_process()) as lock,
         preemption.StopRequests(args.checkpoint_minutes) as stop,
     ):
-        return train_in(run_dir, lock, resume_path, args, stop)
+        try:
+            return train_in(run_dir, lock, resume_path, args, stop)
+        except BaseException:
+            # A new run that failed before its first checkpoint removes the files it made,
+            # so that the same command can run again; only the process holding the folder.
+            if lock.file is not None and resume_path is None:
+                runfolder.discard_unsaved_run(run_dir, earlier_files)
+            raise
 
 
 def train_in(
@@ -310,70 +318,60 @@ def train_in(
         writer = tensorboard_log.open_tensorboard(run_dir, resuming, run.step, args, model_config)
         preview = tensorboard_log.preview_batch(val_loader.dataset, NUM_PREVIEW_IMAGES)
 
-    # A new run that fails before its first checkpoint leaves no run files: the same
-    # command can then run again (see runfolder.discard_unsaved_run).
-    try:
-        options = StepOptions(
-            args.amp, getattr(torch, args.amp_dtype), args.channels_last, args.jitter,
-            args.clip_grad, args.max_bad_steps, args.log_every,
-        )  # fmt: skip
-        save_position = functools.partial(
-            runfolder.save_mid_epoch, run, run_dir, model_config, args
-        )
-        # --stop-after counts the epochs of this invocation (a partial one included).
-        end_epoch = args.epochs if args.stop_after is None else run.epoch + args.stop_after
-        for epoch in range(run.epoch, min(end_epoch, args.epochs)):
-            runstate.seed_epoch(train_loader, args.seed + epoch, epoch, run)
-            epoch_start = time.perf_counter()
-            description = f"epoch {epoch + 1}/{args.epochs}"
-            if train_one_epoch(
-                run, train_model, train_loader, device, options, description, writer, stop,
-                save_position,
-            ):  # fmt: skip
-                return preemption.stopped_on_request(run, run_dir, stop, writer)
-            train_loss = runstate.mean_or_nan(run.loss_sum, run.good_steps)
-            confusion = evaluate(run.model, val_loader, device, args.amp, args.channels_last)
-            results = confusion.compute()
-            check.report_skipped_frames(train_loader.dataset.frames, val_loader.dataset)
-            is_best = results["miou"] > run.best_miou
-            run.epoch, run.batches_done, run.loss_sum, run.good_steps = epoch + 1, 0, 0.0, 0
-            run.best_miou, run.metrics = max(run.best_miou, results["miou"]), results
-            if devices.is_main_process():
-                print(metrics.format_report(results, data.CLASSES))
-                miou = results["miou"]
-                print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {miou:.4f}")
-                predictions = tensorboard_log.predict_preview(
-                    run.model, network_input(preview[0].to(device)), args.amp
-                )
-                tensorboard_log.log_validation(
-                    writer, results, confusion, preview, predictions, run.step
-                )
-                record = {
-                    "epoch": epoch + 1,
-                    "step": run.step,
-                    "train_loss": train_loss,
-                    "lr": run.optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - epoch_start,
-                    "val": results,
-                }
-                checkpoint = checkpoints.make_checkpoint(run, model_config, args)
-                runfolder.save_epoch(run_dir, record, checkpoint, is_best)
-            # A signal during validation: the epoch is saved. After the last epoch there is
-            # nothing left to resume, and the run ends as finished.
-            finished = epoch + 1 == args.epochs
-            if stop.poll(True, device)[1] and not finished:
-                return preemption.stopped_on_request(run, run_dir, stop, writer)
+    options = StepOptions(
+        args.amp, getattr(torch, args.amp_dtype), args.channels_last, args.jitter,
+        args.clip_grad, args.max_bad_steps, args.log_every,
+    )  # fmt: skip
+    save_position = functools.partial(runfolder.save_mid_epoch, run, run_dir, model_config, args)
+    # --stop-after counts the epochs of this invocation (a partial one included).
+    end_epoch = args.epochs if args.stop_after is None else run.epoch + args.stop_after
+    for epoch in range(run.epoch, min(end_epoch, args.epochs)):
+        runstate.seed_epoch(train_loader, args.seed + epoch, epoch, run)
+        epoch_start = time.perf_counter()
+        description = f"epoch {epoch + 1}/{args.epochs}"
+        if train_one_epoch(
+            run, train_model, train_loader, device, options, description, writer, stop,
+            save_position,
+        ):  # fmt: skip
+            return preemption.stopped_on_request(run, run_dir, stop, writer)
+        train_loss = runstate.mean_or_nan(run.loss_sum, run.good_steps)
+        confusion = evaluate(run.model, val_loader, device, args.amp, args.channels_last)
+        results = confusion.compute()
+        check.report_skipped_frames(train_loader.dataset.frames, val_loader.dataset)
+        is_best = results["miou"] > run.best_miou
+        run.epoch, run.batches_done, run.loss_sum, run.good_steps = epoch + 1, 0, 0.0, 0
+        run.best_miou, run.metrics = max(run.best_miou, results["miou"]), results
+        if devices.is_main_process():
+            print(metrics.format_report(results, data.CLASSES))
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU {results['miou']:.4f}")
+            predictions = tensorboard_log.predict_preview(
+                run.model, network_input(preview[0].to(device)), args.amp
+            )
+            tensorboard_log.log_validation(
+                writer, results, confusion, preview, predictions, run.step
+            )
+            record = {
+                "epoch": epoch + 1,
+                "step": run.step,
+                "train_loss": train_loss,
+                "lr": run.optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,
+                "val": results,
+            }
+            checkpoint = checkpoints.make_checkpoint(run, model_config, args)
+            runfolder.save_epoch(run_dir, record, checkpoint, is_best)
+        # A signal during validation: the epoch is saved. After the last epoch there is
+        # nothing left to resume, and the run ends as finished.
+        finished = epoch + 1 == args.epochs
+        if stop.poll(True, device)[1] and not finished:
+            return preemption.stopped_on_request(run, run_dir, stop, writer)
 
-        if writer is not None:
-            writer.close()
-            print(f"best val mIoU {run.best_miou:.4f}; checkpoints in {run_dir}")
-        if dist.is_initialized():
-            dist.barrier()
-        return 0
-    except BaseException:
-        if writer is not None and resume is None:
-            runfolder.discard_unsaved_run(run_dir, writer)
-        raise
+    if writer is not None:
+        writer.close()
+        print(f"best val mIoU {run.best_miou:.4f}; checkpoints in {run_dir}")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
 
 
 def build_loaders(args: argparse.Namespace, device: torch.device) -> tuple[DataLoader, DataLoader]:

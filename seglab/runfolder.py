@@ -144,16 +144,21 @@ class RunFolderLock:
             self.file.close()  # closing the file releases the lock
 
 
-def discard_unsaved_run(run_dir: Path, writer) -> None:
-    """After a new run failed: when it saved no checkpoint, close its TensorBoard `writer`
-    and delete its events and metrics files, which would make the same command refuse the
-    folder as holding a run, and suggest a --resume of a last.pt that does not exist."""
+def progress_files(run_dir: Path) -> set[Path]:
+    """The TensorBoard events and the metrics.jsonl in `run_dir`."""
+    metrics = run_dir / "metrics.jsonl"
+    return set(run_dir.glob(EVENTS_GLOB)) | ({metrics} if metrics.exists() else set())
+
+
+def discard_unsaved_run(run_dir: Path, before: set[Path]) -> None:
+    """After a new run failed: when it saved no checkpoint, delete the events and metrics
+    files it made (those not in `before`, which may be another run's), which would make the
+    same command refuse the folder as holding a run, and suggest a --resume of a last.pt
+    that does not exist."""
     if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
         return
-    with contextlib.suppress(OSError):  # the error being raised matters more
-        writer.close()
-    for path in [run_dir / "metrics.jsonl", *run_dir.glob(EVENTS_GLOB)]:
-        with contextlib.suppress(OSError):
+    for path in progress_files(run_dir) - before:
+        with contextlib.suppress(OSError):  # the error being raised matters more
             path.unlink()
 
 
