@@ -135,6 +135,8 @@ def load_label_table(labels_path: str | Path) -> torch.Tensor:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{labels_path} is not valid JSON: {error}") from None
+    except RecursionError:  # brackets nested deeper than the parser goes
+        raise DataError(f"{labels_path} is not a label list: its JSON is nested too deep") from None
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise DataError(f"{labels_path} must hold a non-empty JSON list of label strings")
     try:
@@ -668,8 +670,11 @@ def size_mismatch(frame: Frame, image_size: tuple, semantic_size: tuple) -> str:
 def read_png_bytes(path: Path, labels: bool = False) -> bytes:
     """The bytes of a PNG file whose chunks are whole (with `labels`, of an 8-bit RGB PNG);
     a DataError names what is wrong."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise DataError(f"cannot read {path}: not a regular file (a folder, FIFO or device)")
     try:
-        raw = Path(path).read_bytes()
+        raw = path.read_bytes()
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from None
     damage = pngfiles.png_problem(raw, labels)

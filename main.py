@@ -85,6 +85,7 @@ class Run:
     best_miou: float = -1.0
     metrics: dict | None = None  # the last validation's scores
     random_states: dict | None = None  # of a run stopped mid-epoch, put back when resuming
+    training_data: dict | None = None  # frames and processes, which a resumed run must keep
 
 
 @dataclass(frozen=True)
@@ -257,13 +258,22 @@ def evaluate(
 def train(args: argparse.Namespace) -> int:
     """The `train` command: start a run, or continue one (--resume), in a run folder that
     no other process uses meanwhile; SIGTERM and SIGUSR1 stop it resumably."""
-    run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name)
+    name_given = "name" in getattr(args, "given", {"name"})
+    run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name, name_given)
     devices.setup_distributed()
+    earlier_files = runfolder.progress_files(run_dir)
     with (
         runfolder.RunFolderLock(run_dir, devices.is_main_process()) as lock,
         preemption.StopRequests(args.checkpoint_minutes) as stop,
     ):
-        return train_in(run_dir, lock, resume_path, args, stop)
+        try:
+            return train_in(run_dir, lock, resume_path, args, stop)
+        except BaseException:
+            # A new run that failed before its first checkpoint removes the files it made,
+            # so that the same command can run again; only the process holding the folder.
+            if lock.file is not None and resume_path is None:
+                runfolder.discard_unsaved_run(run_dir, earlier_files)
+            raise
 
 
 def train_in(
@@ -292,8 +302,11 @@ def train_in(
         run_dir, resume is not None, devices.is_main_process(), restart=args.resume == "auto"
     )
     run, model_config = build_run(args, device, train_loader)
+    run.training_data = checkpoints.training_data(train_loader.dataset.frames)
     if resume is not None:
         checkpoints.restore_run(run, resume, resume_path)
+        if devices.is_main_process() and not runfolder.restore_best(run_dir, resume):
+            run.best_miou = -1.0  # best.pt is lost: the next epoch writes one
     train_model = devices.training_model(run.model, device, args.sync_bn, args.compile)
 
     writer, preview = None, None  # TensorBoard: rank 0 only
@@ -347,7 +360,10 @@ def train_in(
             }
             checkpoint = checkpoints.make_checkpoint(run, model_config, args)
             runfolder.save_epoch(run_dir, record, checkpoint, is_best)
-        if stop.poll(True, device)[1]:  # a signal during validation: the epoch is saved
+        # A signal during validation: the epoch is saved. After the last epoch there is
+        # nothing left to resume, and the run ends as finished.
+        finished = epoch + 1 == args.epochs
+        if stop.poll(True, device)[1] and not finished:
             return preemption.stopped_on_request(run, run_dir, stop, writer)
 
     if writer is not None:
@@ -497,15 +513,14 @@ def test(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def predict_image(segmenter: models.Segmenter, image: torch.Tensor, device) -> torch.Tensor:
     """Class ids `(H, W)` int64 for one `(3, H, W)` uint8 image of any size.
 
     The segmenter scales the image to about the training resolution, keeping its aspect
-    ratio, and scales the logits back to the original size (see models.Segmenter).
+    ratio, and scales the logits back to the original size (see models.Segmenter); the
+    argmax of `segmenter(image[None])`, computed in parts (inference.segment_in_parts).
     """
-    logits = segmenter(image[None].to(device))  # (1, K, H, W) float32
-    return logits.argmax(dim=1)[0].cpu()
+    return inference.segment_in_parts(segmenter, image, device).long()
 
 
 def segment_with_onnxruntime(session, image: torch.Tensor) -> torch.Tensor:
@@ -530,13 +545,23 @@ def load_segmenter(
     model_file = downloads.local_model_file(model)
     if model_file.suffix == ".onnx":
         session = export.onnx_session(model_file)
-        export.read_onnx_metadata(session)  # refuses a file made for other classes
-        return functools.partial(segment_with_onnxruntime, session), ["rgb"]
+        metadata = export.read_onnx_metadata(session, model_file)  # other classes: refused
+        whole = functools.partial(segment_with_onnxruntime, session)
+        in_parts = functools.cache(lambda: onnx_segmenter_in_parts(model_file, metadata))
+        return functools.partial(inference.segment_by_size, whole, in_parts), ["rgb"]
     network, checkpoint = checkpoints.load_model(model_file, device)
     inputs = checkpoint.get("inputs", ["rgb"])
     segmenter_class = depth.RGBDSegmenter if depth.uses_depth(inputs) else models.Segmenter
     segmenter = segmenter_class(network, checkpoint["img_size"])
-    return functools.partial(predict_image, segmenter, device=device), inputs
+    return functools.partial(inference.segment_in_parts, segmenter, device=device), inputs
+
+
+def onnx_segmenter_in_parts(model_file: Path, metadata: dict) -> Callable:
+    """`segment` for large pictures with an ONNX file: its network run by onnxruntime,
+    the resizes done by inference.segment_in_parts."""
+    network = inference.OnnxNetwork(model_file, metadata)
+    segmenter = models.Segmenter(network, metadata["img_size"])
+    return functools.partial(inference.segment_in_parts, segmenter, device="cpu")
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -523,12 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="unet", choices=available_models())
     parser.add_argument("--num-classes", type=int, default=data.NUM_CLASSES)
-    parser.add_argument("--img-size", type=int, default=256, help="side of a square image")
-    parser.add_argument("--num-blocks", type=int, help="UNet only (default 4)")
-    parser.add_argument("--base-chan", type=int, help="UNet only (default 64)")
+    # The limits of `main.py train` (seglab/cli.py): past them a model does not fit.
+    image_side = cli.int_range(1, cli.MAX_IMG_SIZE)
+    parser.add_argument("--img-size", type=image_side, default=256, help="side of a square image")
+    blocks = cli.int_range(1, cli.MAX_UNET_BLOCKS)
+    parser.add_argument("--num-blocks", type=blocks, help="UNet only (default 4)")
+    channels = cli.int_range(1, cli.MAX_BASE_CHANNELS)
+    parser.add_argument("--base-chan", type=channels, help="UNet only (default 64)")
     args = parser.parse_args(argv)
-    if args.img_size < 1:
-        parser.error(f"--img-size must be at least 1, got {args.img_size}")
     unet_options = {"num_blocks": args.num_blocks, "base_chan": args.base_chan}
     options = {key: value for key, value in unet_options.items() if value is not None}
     # On the meta device, shapes and FLOPs come out without allocating or computing anything,

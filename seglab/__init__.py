@@ -29,3 +29,20 @@ modules of it (cli, pngfiles, downloads), which import no lab file but data.py; 
 the package may import the lab's files. No module imports another that imports it back
 (tests/test_layout.py checks both).
 """
+
+import os
+import signal
+import sys
+
+
+def _end_quietly(signum: int, frame) -> None:
+    print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+    os._exit(130)  # the status of a program ended by Ctrl-C; nothing is written yet
+
+
+# `python -m seglab.MODULE` imports this package first, while sys.argv[0] is still "-m"
+# (see Python's documentation of -m). Ctrl-C in the seconds that importing torch takes
+# would end in a traceback: until cli.run takes Ctrl-C over, it ends the program in one
+# line. Imported any other way, the package leaves the signal alone.
+if sys.argv[:1] == ["-m"]:
+    signal.signal(signal.SIGINT, _end_quietly)

@@ -19,7 +19,9 @@ speed-up over it:
   float32, channels_last and autocast; the step of the training loop itself
   (main.train_one_epoch), eager and compiled by torch.compile, and how many times per step
   it makes the host wait for the device; the latency of the demo UNet on a full 1080x1080 frame,
-  and of `python main.py predict` on a 1080x1080 photo, PyTorch against onnxruntime.
+  and of `python main.py predict` on a 1080x1080 photo, PyTorch against onnxruntime;
+- the time and the peak resident memory of a whole `python main.py predict` process on a
+  50-megapixel photo, with a checkpoint and with an ONNX file.
 
 It also checks that the fast paths give the samples they should and prints the result.
 """
@@ -34,6 +36,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -609,6 +612,78 @@ def bench_onnx_frame(device: torch.device, seconds: float, max_runs: int) -> lis
     return rows
 
 
+LARGE_PHOTO = (6124, 8165)  # height, width: 50 megapixels, a 4:3 camera's photo
+
+
+def write_large_photo(path: Path, height: int, width: int) -> None:
+    """A smooth photo of `height` x `width` pixels, as an uncompressed BMP (quick to write)."""
+    rows = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    columns = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = rows.astype(np.uint8)
+    pixels[..., 1] = columns.astype(np.uint8)
+    pixels[..., 2] = ((rows + columns) / 2).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def predict_peak_memory(model: Path, photo: Path, out: Path) -> tuple[float, int]:
+    """Seconds and peak resident bytes of a `python main.py predict` process on `photo`.
+    A process of its own runs it and reports the peak of its one child (ru_maxrss), so that
+    no other child of the caller counts."""
+    main_py = Path(__file__).resolve().parents[1] / "main.py"
+    command = [sys.executable, str(main_py), "predict", "--model", str(model), str(photo)]
+    command += ["--out", str(out), "--device", "cpu"]
+    measure = (
+        "import resource, subprocess, sys, time; start = time.perf_counter(); "
+        "status = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+        "print(status, time.perf_counter() - start, peak)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", measure, *command], capture_output=True, text=True, check=True
+    )
+    status, seconds, peak_kb = result.stdout.split()
+    if status != "0":
+        raise RuntimeError(f"predict on {photo} ended with status {status}")
+    return float(seconds), int(peak_kb) * 1024  # Linux reports ru_maxrss in kilobytes
+
+
+def bench_predict_memory() -> list[dict]:
+    """Time and peak memory of `python main.py predict` on a 50-megapixel photo, with the
+    demo UNet as a checkpoint and as an ONNX file (when onnxruntime is installed)."""
+    from seglab import checkpoints
+
+    name, num_blocks, base_chan, img_size = DEMO_UNET
+    height, width = LARGE_PHOTO
+    group = f"{name}, predict on a {height * width / 1e6:.0f}-megapixel photo (one process)"
+    config = models.model_config(
+        "unet", data.NUM_CLASSES, num_blocks=num_blocks, base_chan=base_chan
+    )
+    checkpoint = {
+        "format": checkpoints.CHECKPOINT_FORMAT, "model_config": config, "epoch": 1,
+        "model_state": models.build_model(**config).state_dict(), "args": {},
+        "classes": list(data.CLASSES), "img_size": img_size,
+    }  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
+        folder = Path(folder)
+        photo = folder / "photo.bmp"
+        write_large_photo(photo, height, width)
+        model_files = [folder / "model.pt"]
+        checkpoints.save_checkpoint(checkpoint, model_files[0])
+        try:
+            export.export_checkpoint(str(model_files[0]), folder / "model.onnx")
+            model_files.append(folder / "model.onnx")
+        except export.ExportError as error:
+            print(f"not timing ONNX: {error}", file=sys.stderr)
+        for model_file in model_files:
+            print(f"  {group}: {model_file.suffix}", file=sys.stderr, flush=True)
+            seconds, peak = predict_peak_memory(model_file, photo, folder / "out")
+            variant = f"{model_file.suffix} file: peak {peak / 2**30:.2f} GiB resident"
+            rows.append(row(group, variant, 1 / seconds, 1000 * seconds, "photo"))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------
 # Equality checks
 
@@ -832,6 +907,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         rows += bench_training_loop(device, 10 if args.quick else 30, compile_too=True)
         rows += bench_full_frame(device, model_seconds, 1 if args.quick else 5)
         rows += bench_onnx_frame(device, model_seconds, 1 if args.quick else 5)
+        rows += bench_predict_memory()
 
     print(format_table(rows))
     print()

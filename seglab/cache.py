@@ -67,6 +67,8 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read the cache manifest {path}: {error}") from None
+    except RecursionError:
+        raise DataError(f"cannot read the cache manifest {path}: nested too deep") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise DataError(f"{path} is not a manifest written by `python -m seglab.cache write`")
     if manifest.get("version") != CACHE_VERSION:
@@ -78,6 +80,15 @@ def read_cache_manifest(cache_root: str | Path) -> dict:
     missing = [key for key in expected_keys if key not in manifest]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; {rebuild_hint(manifest, cache_root)}")
+    kinds = {"size": int, "source_root": str, "labels_sha256": str, "num_labels": int,
+             "classes": list, "areas": dict}  # fmt: skip
+    for key, kind in kinds.items():
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(
+                f"{path}: its {key} is a {type(value).__name__}, not a {kind.__name__}; "
+                f"{rebuild_hint(manifest, cache_root)}"
+            )
     if manifest["classes"] != list(data.CLASSES):
         raise DataError(
             f"the cache {cache_root} was made for the classes {manifest['classes']}, not "
@@ -280,6 +291,54 @@ class FramesForCache(Dataset):
         return index, image, mask.to(torch.uint8), ""
 
 
+# The lock file of a cache folder while `cache write` writes it: two runs on one --out
+# would each delete the other's files and leave a manifest naming files that are gone.
+CACHE_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def locked_cache_dir(out: Path):
+    """Create `out` and hold an exclusive lock on OUT/.lock until the block ends (the kernel
+    releases it when the process dies in any way); DataError when another process holds it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / CACHE_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(
+                f"--out {out} is being written by another `cache write`: wait for it to end, or "
+                "choose another --out"
+            ) from None
+        try:
+            yield
+        finally:  # removed while still held: a later run locks a file of its own
+            (out / CACHE_LOCK).unlink(missing_ok=True)
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """DataError when the disk of `out` (or of its nearest existing parent: nothing is created
+    before this check) has less than `needed` bytes free."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DataError(
+            f"the cache needs {needed / 1e9:.1f} GB and {existing} has {free / 1e9:.1f} GB free: "
+            "free some space, pick another --out, or a smaller --size"
+        )
+
+
+def write_to(file, payload: bytes) -> None:
+    """file.write, whose OSError (a full disk) names the file: Python leaves it unnamed."""
+    try:
+        file.write(payload)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, file.name) from None
+
+
 def prepare_cache_dir(out: Path) -> None:
     """Create `out`, or empty it of an earlier cache; refuse a directory holding anything else.
 
@@ -291,7 +350,7 @@ def prepare_cache_dir(out: Path) -> None:
     if out.is_dir():
         for entry in out.iterdir():
             is_area = entry.is_dir() and entry.name.startswith("area_")
-            known = entry.name in (CACHE_MANIFEST, CACHE_MANIFEST + ".tmp") or (
+            known = entry.name in (CACHE_MANIFEST, CACHE_MANIFEST + ".tmp", CACHE_LOCK) or (
                 is_area and all(f.name in cache_files for f in entry.iterdir())
             )
             if not known:
@@ -324,23 +383,47 @@ def write_cache(
     A broken frame stops the run, or with `skip_bad` is left out and listed in the manifest.
     Returns the manifest, which is written last.
     """
-    from tqdm import tqdm
-
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     root, out = Path(root).resolve(), Path(out).resolve()
     inputs = ["rgb", "depth"] if with_depth else ["rgb"]
     reader = depth.DepthDataset if with_depth else data.StanfordDataset
     source = reader(root, areas, data.eval_transforms(size))
-    labels_path = root / data.LABELS_FILE
-    prepare_cache_dir(out)
-    needed = len(source) * (image_channels(inputs) + 1) * size * size
-    free = shutil.disk_usage(out).free
-    if needed > free:
-        raise DataError(
-            f"the cache needs {needed / 1e9:.1f} GB and {out} has {free / 1e9:.1f} GB free: "
-            "free some space, pick another --out, or a smaller --size"
-        )
+    check_free_space(out, len(source) * (image_channels(inputs) + 1) * size * size)
+    created = not out.exists()
+    try:
+        with locked_cache_dir(out):
+            prepare_cache_dir(out)
+            try:
+                return write_frames(source, out, size, inputs, root, workers, skip_bad, progress)
+            except BaseException as error:  # a full disk, Ctrl-C: no half-written cache
+                remove_partial_cache(out)
+                if isinstance(error, OSError) and error.filename is None:  # a file's close
+                    error.filename = str(out)
+                raise
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):  # refused or failed
+            out.rmdir()
+
+
+def remove_partial_cache(out: Path) -> None:
+    """Delete what an interrupted `cache write` wrote in `out`."""
+    with contextlib.suppress(OSError):
+        for name in (CACHE_MANIFEST, CACHE_MANIFEST + ".tmp"):
+            (out / name).unlink(missing_ok=True)
+        for folder in out.glob("area_*"):
+            for name in (CACHE_IMAGES, CACHE_MASKS):
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+
+
+def write_frames(
+    source, out: Path, size: int, inputs: list[str], root: Path, workers: int,
+    skip_bad: bool, progress: bool,
+) -> dict:  # fmt: skip
+    """write_cache's work in the prepared folder `out`: the frames, then the manifest."""
+    from tqdm import tqdm
+
     names: dict[str, list[str]] = {}
     skipped: list[str] = []
     loader = DataLoader(FramesForCache(source), batch_size=None, num_workers=workers)
@@ -365,15 +448,15 @@ def write_cache(
                 )
                 names[frame.area] = []
             images_file, masks_file = files[frame.area]
-            images_file.write(image.numpy().tobytes())
-            masks_file.write(mask.numpy().tobytes())
+            write_to(images_file, image.numpy().tobytes())
+            write_to(masks_file, mask.numpy().tobytes())
             names[frame.area].append(frame.name)
     manifest = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "size": size,
         "source_root": str(root),
-        "labels_sha256": downloads.file_sha256(labels_path),
+        "labels_sha256": downloads.file_sha256(root / data.LABELS_FILE),
         "num_labels": len(source.label_table) - 1,
         "classes": list(data.CLASSES),
         "inputs": inputs,
@@ -432,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_arguments(write)
     write.add_argument("--out", required=True, help="cache directory to write (new or a cache)")
     write.add_argument(
-        "--size", type=int_at_least(1), default=256, help="frame side in px (default 256)"
+        "--size",
+        type=cli.int_range(1, cli.MAX_IMG_SIZE),
+        default=256,
+        help="frame side in px, at most --img-size's limit (default 256)",
     )
     write.add_argument("--workers", type=int_at_least(0), default=0, help="decoding processes")
     write.add_argument(

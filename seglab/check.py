@@ -3,9 +3,11 @@
     python -m seglab.check --datadir ROOT [--areas 1 2]
 
 A problem is a PNG that does not decode whole (damaged, cut short, not a PNG, too large), a
-semantic PNG that is not 8-bit RGB (a grayscale or palette copy has lost its labels), an rgb
-file without its semantic file or the reverse, an rgb / semantic pair of different sizes, or
-an area without a single labelled pixel. An empty or malformed label list is an error.
+file that is not a regular file (a FIFO would block the reading), a semantic PNG that is not
+8-bit RGB (a grayscale or palette copy has lost its labels), an rgb file without its semantic
+file or the reverse, an rgb / semantic pair of different sizes, a depth file that is not a
+16-bit grayscale PNG of its frame's size (with --depth, also a missing one), or an area
+without a single labelled pixel. An empty or malformed label list is an error.
 The exit status is 0 when nothing was found, 1 otherwise. Each PNG is decoded completely
 with Pillow, which raises on a broken compressed stream that passes the checksums, where
 torchvision's decoder would crash the process.
@@ -49,18 +51,37 @@ def decoded_png(path: Path, labels: bool = False) -> np.ndarray:
         raise DataError(f"cannot read {path}: {error}") from None
 
 
-def check_frame(frame: Frame, label_table: torch.Tensor) -> tuple[str | None, bool]:
-    """Why one frame cannot be used (unreadable file, sizes differ), or None when it is
-    fine; and whether it has a labelled pixel."""
+def check_frame(
+    frame: Frame, label_table: torch.Tensor, need_depth: bool = False
+) -> tuple[str | None, bool]:
+    """Why one frame cannot be used (unreadable file, sizes differ, a depth file that is not
+    a 16-bit grayscale PNG, or none with `need_depth`), or None when it is fine; and whether
+    it has a labelled pixel."""
     try:
         image = decoded_png(frame.rgb_path)
         semantic = decoded_png(frame.semantic_path, labels=True)
+        depth_problem = check_depth(frame, image.shape[:2], need_depth)
     except DataError as error:
         return str(error), False
     if image.shape[:2] != semantic.shape[:2]:
         return data.size_mismatch(frame, image.shape[:2], semantic.shape[:2]), False
+    if depth_problem:
+        return depth_problem, False
     colors = torch.from_numpy(np.array(semantic[..., :3])).permute(2, 0, 1)  # a writable copy
     return None, bool(data.decode_semantic(colors, label_table).any())
+
+
+def check_depth(frame: Frame, size: tuple[int, ...], need_depth: bool) -> str | None:
+    """What is wrong with the depth file of `frame` when there is one (as `train --inputs
+    rgb depth` reads it), or its absence with `need_depth`; DataError for an unreadable one."""
+    from seglab import depth
+
+    if not frame.depth_path.exists():
+        return f"{frame.depth_path} is missing" if need_depth else None
+    values = depth.read_depth(frame.depth_path)
+    if tuple(values.shape[1:]) != tuple(size):
+        return f"{frame.depth_path} is {tuple(values.shape[1:])} but its rgb file is {tuple(size)}"
+    return None
 
 
 def missing_rgb_files(root: Path, areas: list[str] | None) -> list[Path]:
@@ -76,10 +97,10 @@ def missing_rgb_files(root: Path, areas: list[str] | None) -> list[Path]:
 
 
 def find_problems(
-    root: Path, areas: list[str] | None, progress: bool = True
+    root: Path, areas: list[str] | None, progress: bool = True, need_depth: bool = False
 ) -> tuple[int, list[str]]:
     """The number of frames checked, and one message per problem under `root`: missing
-    partners first, then broken frames."""
+    partners first, then broken frames (`need_depth`: a frame without depth is one)."""
     from tqdm import tqdm
 
     frames, unlabelled = data.find_frames(root, areas)  # first: it names a missing root
@@ -89,7 +110,7 @@ def find_problems(
     readable: dict[str, int] = {}  # area -> frames read whole
     labelled: set[str] = set()  # areas with a labelled pixel
     for frame in tqdm(frames, desc="check", disable=not progress):
-        problem, has_labels = check_frame(frame, label_table)
+        problem, has_labels = check_frame(frame, label_table, need_depth)
         if problem:
             problems.append(problem)
         else:
@@ -110,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter
     )
     cli.add_data_arguments(parser)
+    parser.add_argument(
+        "--depth",
+        action="store_true",
+        help="every frame needs its depth file, as for train --inputs rgb depth (without "
+        "it, the depth files present are checked)",
+    )
     args = parser.parse_args(argv)
     return cli.run(report_problems, args, (DataError,))
 
 
 def report_problems(args: argparse.Namespace) -> int:
     """Print every problem found under `args.datadir`; exit status 1 when there is one."""
-    num_frames, problems = find_problems(Path(args.datadir), args.areas)
+    num_frames, problems = find_problems(Path(args.datadir), args.areas, need_depth=args.depth)
     for problem in problems:
         print(problem)
     print(f"checked {num_frames} frames: {len(problems)} problem(s)")

@@ -11,10 +11,13 @@ what comes out, `model_from_checkpoint` rebuilds its model, and `restore_run` an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import re
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 
 import data
 import models
-from seglab import devices
+from seglab import cli, devices
 
 CHECKPOINT_FORMAT = "segmentation-lab/1"
 # What every checkpoint holds; main.make_checkpoint writes these and the training state.
@@ -75,6 +78,12 @@ def load_checkpoint(path: str | Path) -> dict:
         sibling = path.with_name("best.pt")
         hint = f" ({sibling} exists and can be used instead)" if sibling.is_file() else ""
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its part {damaged} fails its checksum (a copy or "
+            "a disk changed its bytes); copy it again or use another checkpoint"
+        )
     try:
         with warnings.catch_warnings():
             # A bare pickle of another protocol makes torch warn before it refuses the file.
@@ -88,8 +97,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     check_types(checkpoint, path, {"img_size": int, "epoch": int, "args": dict})
-    if checkpoint["img_size"] <= 0 or checkpoint["epoch"] < 0:
-        raise CheckpointError(f"{path}: its img_size or epoch is out of range")
+    if not 0 < checkpoint["img_size"] <= cli.MAX_IMG_SIZE or checkpoint["epoch"] < 0:
+        raise CheckpointError(
+            f"{path}: its img_size ({checkpoint['img_size']}; at most {cli.MAX_IMG_SIZE}) or "
+            f"epoch ({checkpoint['epoch']}) is out of range"
+        )
     bad = non_finite_tensors(checkpoint)
     if bad:
         raise CheckpointError(
@@ -170,6 +182,41 @@ ZIP_SIGNATURE = b"PK\x03\x04"
 PICKLE_PROTOCOL_OPCODE = 0x80
 
 
+def damaged_member(path: Path) -> str | None:
+    """The name of the first part of a checkpoint (a zip archive, as torch.save writes) whose
+    bytes fail their CRC-32, else None. torch.load does not check them: a flipped byte in a
+    tensor's data loads silently as another weight. Reading the file costs about a second a
+    gigabyte. Anything that is not a readable zip archive is left to torch.load to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+    except zlib.error:  # a compressed part whose stream is broken
+        return "a compressed part"
+
+
+def check_model_size(config: dict, path: str | Path) -> None:
+    """Refuse a model configuration larger than the flags of `train` allow (cli.MAX_*),
+    counted on the meta device: a damaged or hostile checkpoint asking for 6 blocks of 2048
+    channels must not allocate hundreds of gigabytes before its weights fail to fit."""
+    too_large = [
+        f"{key} {config[key]} (at most {limit})"
+        for key, limit in (
+            ("num_blocks", cli.MAX_UNET_BLOCKS),
+            ("base_chan", cli.MAX_BASE_CHANNELS),
+        )
+        if isinstance(config.get(key), int) and config[key] > limit
+    ]
+    if not too_large:
+        with torch.device("meta"):  # shapes only, no memory
+            count = models.count_parameters(models.build_model(**config))
+        if count > cli.MAX_UNET_PARAMETERS:
+            too_large.append(f"{count:,} parameters (at most {cli.MAX_UNET_PARAMETERS:,})")
+    if too_large:
+        raise CheckpointError(f"{path}: its model is too large: {', '.join(too_large)}")
+
+
 def load_failure(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) failed on `path`, in one line. torch's own message
     advises loading again with weights_only=False, which would run whatever code an
@@ -230,6 +277,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
         )
     config.pop("pretrained", None)  # the stored weights replace any pretrained ones
     try:
+        check_model_size(config, path)
         model = models.build_model(**config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot build its model {config}: {error}") from None
@@ -299,11 +347,49 @@ def make_checkpoint(
     }
     if position is not None:
         checkpoint["position"] = position
+    if run.training_data is not None:
+        checkpoint["training_data"] = run.training_data
     return checkpoint
+
+
+def training_data(frames) -> dict:
+    """What a resumed run must train on as before: the number of training frames, a hash
+    of their names in order, and the number of processes (each takes a share of every
+    batch). `frames` is the Subset of data.get_datasets."""
+    names = "\n".join(
+        f"{frame.area}/{frame.name}" for frame in (frames.dataset.frames[i] for i in frames.indices)
+    )
+    return {
+        "frames": len(frames.indices),
+        "frames_sha256": hashlib.sha256(names.encode()).hexdigest(),
+        "world_size": devices.world_size(),
+    }
+
+
+def check_training_data(saved: dict | None, current: dict, path: Path) -> None:
+    """Refuse to resume a run on other frames or with another number of processes: its
+    learning rate schedule, batches and data order would silently change."""
+    if saved is None or current is None:  # a checkpoint from before they were recorded
+        return
+    changes = []
+    if saved.get("frames") != current["frames"]:
+        changes.append(f"{current['frames']} training frames (the run has {saved.get('frames')})")
+    elif saved.get("frames_sha256") != current["frames_sha256"]:
+        changes.append(f"other training frames than the run's {current['frames']}")
+    if saved.get("world_size") != current["world_size"]:
+        changes.append(
+            f"{current['world_size']} process(es) (the run has {saved.get('world_size')})"
+        )
+    if changes:
+        raise CheckpointError(
+            f"--resume {path}: {'; '.join(changes)}. Resume with the run's data (--datadir, "
+            "--areas, --subset) and process count, or start a new run"
+        )
 
 
 def restore_run(run, checkpoint: dict, path: Path) -> None:
     """Load the states and counters of a checkpoint into `run`."""
+    check_training_data(checkpoint.get("training_data"), run.training_data, path)
     load_model_state(run.model, checkpoint["model_state"], path)
     try:
         run.optimizer.load_state_dict(checkpoint["optimizer_state"])

@@ -143,6 +143,8 @@ def read_pixel_shares(path: str | Path, num_classes: int) -> list[float]:
     """The `pixel_share` list of a `python -m seglab.explore histogram --out` file:
     `num_classes` finite, non-negative numbers, not all zero. FlagError says what is wrong
     with it."""
+    import data  # here, not at the top: data.py imports torch (see add_data_arguments)
+
     prefix = f"--class-weights {path}"
     fix = "write it with `python -m seglab.explore histogram --out FILE`"
     try:
@@ -155,6 +157,8 @@ def read_pixel_shares(path: str | Path, num_classes: int) -> list[float]:
         raise FlagError(f"{prefix}: cannot read it ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FlagError(f"{prefix} is not JSON ({error}); {fix}") from None
+    except RecursionError:
+        raise FlagError(f"{prefix} is not a pixel share file: nested too deep; {fix}") from None
     if not isinstance(content, dict) or "pixel_share" not in content:
         raise FlagError(f'{prefix} has no "pixel_share" entry; {fix}')
     shares = content["pixel_share"]
@@ -167,6 +171,12 @@ def read_pixel_shares(path: str | Path, num_classes: int) -> list[float]:
         )
     if not all(math.isfinite(share) and share >= 0 for share in shares) or sum(shares) <= 0:
         raise FlagError(f'{prefix}: "pixel_share" must hold finite shares >= 0, not all 0; {fix}')
+    labelled = [share for index, share in enumerate(shares) if index != data.IGNORE_INDEX]
+    if sum(labelled) <= 0:  # <UNK> is never trained on: no class would have a weight
+        raise FlagError(
+            f'{prefix}: "pixel_share" has pixels of {data.CLASSES[data.IGNORE_INDEX]} only, '
+            f"which training ignores; {fix} on labelled frames"
+        )
     return [float(share) for share in shares]
 
 

@@ -16,6 +16,7 @@ import pickle
 import posixpath
 import re
 import secrets
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +37,14 @@ DOWNLOAD_CHUNK = 1 << 20
 # Seconds a connection may stay silent before the download is given up, so that a stalled
 # server ends in a message instead of a process that waits forever.
 DOWNLOAD_TIMEOUT = 60
+# A server that sends a byte now and then never trips that timeout: the whole download must
+# also end by DOWNLOAD_TIMEOUT seconds plus its size at this rate (bytes a second), 8 minutes
+# for a 500 MB checkpoint.
+MIN_DOWNLOAD_RATE = 1_000_000
+# A temporary file of a download that nothing has written to for this long was left by a
+# process that died (kill -9, a power cut): a live download writes or gives up within
+# DOWNLOAD_TIMEOUT.
+STALE_PARTIAL_SECONDS = 3600
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -120,6 +129,7 @@ def download_checked(url: str, destination: Path, prefix: str, progress: bool) -
         raise DownloadError(f"cannot create the model cache {folder}: {error}") from None
     # A name of its own per call, so that two processes fetching the same URL (torchrun)
     # never write into each other's file; the last rename wins with the same bytes.
+    remove_stale_partials(folder)
     temporary = folder / f".{destination.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     failed = f"cannot download {url} (expected SHA-256 prefix {prefix})"
     untouched = f"nothing was written to {folder}"
@@ -155,6 +165,16 @@ def download_checked(url: str, destination: Path, prefix: str, progress: bool) -
             os.close(directory)
 
 
+def remove_stale_partials(folder: Path) -> None:
+    """Delete the temporary files of downloads that died in `folder` (see
+    STALE_PARTIAL_SECONDS); they would otherwise stay in the cache forever."""
+    now = time.time()
+    for partial in folder.glob(".*.partial"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if now - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                partial.unlink()
+
+
 def stream_to_file(url: str, path: Path, label: str, progress: bool) -> tuple[str, int, int | None]:
     """Write the body of `url` to the new file `path`, flushed to disk, with a progress bar
     named `label`; return its SHA-256, the bytes received and the Content-Length announced
@@ -184,7 +204,16 @@ def stream_to_file(url: str, path: Path, label: str, progress: bool) -> tuple[st
                 disable=not progress,
             ) as bar,
         ):
-            while chunk := response.read(DOWNLOAD_CHUNK):
+            start = time.monotonic()
+            # read1: what has arrived, up to a chunk, so that the time is checked while bytes
+            # trickle in (read waits for a whole chunk).
+            while chunk := response.read1(DOWNLOAD_CHUNK):
+                allowed = DOWNLOAD_TIMEOUT + max(length or 0, received) / MIN_DOWNLOAD_RATE
+                if time.monotonic() - start > allowed:
+                    raise TimeoutError(
+                        f"too slow: {received} bytes in {allowed:.0f} s, below "
+                        f"{MIN_DOWNLOAD_RATE / 1e6:g} MB/s"
+                    )
                 file.write(chunk)
                 sha256.update(chunk)
                 received += len(chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def command_histogram(datadir: str, areas: list[str] | None, out: str | None, op
         "pixel_share": shares,
     }
     if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        write_whole(Path(out), lambda temporary: temporary.write_text(text))
         print(f"wrote {out}")
 
 
@@ -69,7 +71,10 @@ def command_show(datadir: str, areas: list[str] | None, index: int, out: str, op
     legend = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in CLASS_COLORS.items()]
     figure.legend(handles=legend, loc="center right", fontsize=8)
     figure.subplots_adjust(right=0.85)
-    figure.savefig(out, dpi=100)
+    picture_format = Path(out).suffix.lstrip(".").lower()
+    write_whole(
+        Path(out), lambda temporary: figure.savefig(temporary, dpi=100, format=picture_format)
+    )
     plt.close(figure)
     print(f"wrote {out}")
 
@@ -89,10 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_file(out: str | Path) -> None:
-    """DataError unless `out` can be written as a new or replaced file: its folder exists
-    and it is not a folder itself."""
+def write_whole(out: Path, write) -> None:
+    """`write(temporary)` beside `out`, then renamed over it: a full disk or a folder that
+    cannot be written leaves no half-written `out`, and an earlier `out` whole. An OSError
+    names `out` (cli.run prints it in one line)."""
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, out)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(out)) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def picture_formats() -> list[str]:
+    """The file extensions that matplotlib writes (png, pdf, svg, jpg...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+
+
+def check_output_file(out: str | Path, picture: bool = False) -> None:
+    """DataError unless `out` can be written as a new or replaced file: its folder exists,
+    it is not a folder itself, and with `picture` its extension is a picture format."""
     out = Path(out)
+    if picture and out.suffix.lstrip(".").lower() not in picture_formats():
+        raise DataError(
+            f"--out {out}: {out.suffix or 'no extension'} is not a picture format; end the name "
+            f"in one of {', '.join('.' + name for name in picture_formats())}"
+        )
     if out.is_dir():
         raise DataError(f"--out {out} is a folder: name a file")
     if out.parent.exists() and not out.parent.is_dir():
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.out is not None:
-        check_output_file(args.out)
+        check_output_file(args.out, picture=args.command == "show")
     if args.command == "show":
         command_show(args.datadir, args.areas, args.index, args.out, cache.open_dataset)
     else:

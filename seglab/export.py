@@ -4,8 +4,12 @@
     python main.py export --model best.pt --out model.pt2       (torch.export.ExportedProgram)
 
 Both hold `models.Segmenter`, the whole of `python main.py predict` in one graph: input
-`image`, `(N, 3, H, W)` uint8 RGB with any N, H and W; output `logits`, `(N, 14, H, W)`
-float32 at the input's size; the argmax over dim 1 is the class of each pixel. An ONNX file
+`image`, `(N, 3, H, W)` uint8 RGB with N from 1 to 4096 and H and W from 1 to 16384 (the
+ranges of `dynamic_image_shapes`: a .pt2 program refuses other sizes; split larger batches,
+scale larger pictures down or segment them with `main.py predict`); output `logits`,
+`(N, 14, H, W)` float32 at the input's size; the argmax over dim 1 is the class of each
+pixel. At full size the logits take 56 bytes a pixel: 2.8 GB for a 50-megapixel photo,
+which `main.py predict` avoids (seglab/inference.py). An ONNX file
 also carries, as metadata, the class names in order, their colors, the model configuration
 and the training size (`read_onnx_metadata`).
 
@@ -18,6 +22,7 @@ needs onnxruntime. All three are optional (see README, "Dependencies").
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -73,11 +78,17 @@ def quiet_trace_log():
         trace_log.removeFilter(drop_all)
 
 
+# The sizes an exported program takes: torch.export needs bounds, and a .pt2 program
+# refuses inputs past them (onnxruntime does not check them).
+MAX_EXPORT_BATCH, MAX_EXPORT_SIDE = 4096, 16384
+
+
 def dynamic_image_shapes() -> dict:
-    """`dynamic_shapes` of torch.export for the input `image`: batch, height, width free."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    height = torch.export.Dim("height", min=1, max=16384)
-    width = torch.export.Dim("width", min=1, max=16384)
+    """`dynamic_shapes` of torch.export for the input `image`: batch, height and width free
+    up to MAX_EXPORT_BATCH and MAX_EXPORT_SIDE."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    height = torch.export.Dim("height", min=1, max=MAX_EXPORT_SIDE)
+    width = torch.export.Dim("width", min=1, max=MAX_EXPORT_SIDE)
     return {"images": {0: batch, 2: height, 3: width}}
 
 
@@ -89,7 +100,7 @@ def onnx_metadata(checkpoint: dict) -> dict[str, str]:
         "class_colors": json.dumps([list(color) for color in data.CLASS_COLORS.values()]),
         "model_config": json.dumps(checkpoint["model_config"]),
         "img_size": str(checkpoint["img_size"]),
-        "input": "image: (N, 3, H, W) uint8 RGB, any N, H, W",
+        "input": "image: (N, 3, H, W) uint8 RGB, N up to 4096, H and W up to 16384",
         "output": "logits: (N, K, H, W) float32; argmax over dim 1 gives the class ids",
     }
 
@@ -102,6 +113,10 @@ def replace_atomically(write, path: Path) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a folder that turned read-only
+        raise ExportError(
+            f"cannot write {path}: {error.strerror or error}; nothing was written"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -140,12 +155,17 @@ def export_program(segmenter: models.Segmenter, path: Path) -> None:
         program = torch.export.export(
             segmenter.eval(), (sample,), dynamic_shapes=dynamic_image_shapes()
         )
-    replace_atomically(lambda temporary: torch.export.save(program, temporary), path)
+    # Saved into memory first: torch.export.save writes through a C++ zip writer that
+    # aborts the whole interpreter when a write fails (a full disk), where Python's own
+    # writes raise an error that can be reported.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    replace_atomically(lambda temporary: temporary.write_bytes(buffer.getvalue()), path)
 
 
-def onnx_session(path: str | Path):
-    """An onnxruntime.InferenceSession of the ONNX file at `path`, on the GPU when
-    onnxruntime has one, else on the CPU."""
+def onnx_session(path: str | Path, serialized: bytes | None = None):
+    """An onnxruntime.InferenceSession of the ONNX file at `path` (or of `serialized`, a
+    model taken from it), on the GPU when onnxruntime has one, else on the CPU."""
     try:
         import onnxruntime
     except ImportError:
@@ -156,29 +176,84 @@ def onnx_session(path: str | Path):
         if name in onnxruntime.get_available_providers()
     ]
     try:
-        return onnxruntime.InferenceSession(str(path), providers=providers)
+        source = str(path) if serialized is None else serialized
+        return onnxruntime.InferenceSession(source, providers=providers)
     except Exception as error:  # onnxruntime raises its own error types, all to be reported
         raise ExportError(f"cannot load {path} with onnxruntime: {error}") from None
 
 
-def read_onnx_metadata(session) -> dict:
-    """The metadata that `export_onnx` wrote, JSON decoded; refused for another project's
-    file or for other classes than this project's."""
+def read_onnx_metadata(session, path: str | Path = "the ONNX file") -> dict:
+    """The metadata that `export_onnx` wrote, JSON decoded; refused, naming `path`, for
+    another project's file, for other classes than this project's, and for a graph that
+    does not take `image` and give `logits` of this project's classes."""
     found = session.get_modelmeta().custom_metadata_map
     if found.get("format") != METADATA_FORMAT:
         raise ExportError(
-            "this ONNX file was not written by `python main.py export` (no "
-            f"{METADATA_FORMAT} metadata)"
+            f"{path} was not written by `python main.py export` (no {METADATA_FORMAT} metadata)"
         )
     metadata = {key: value for key, value in found.items() if key not in ("input", "output")}
     for key in ("classes", "class_colors", "model_config"):
-        metadata[key] = json.loads(found[key])
-    metadata["img_size"] = int(found["img_size"])
+        metadata[key] = metadata_json(found, key, path)
+    try:
+        metadata["img_size"] = int(found["img_size"])
+    except (KeyError, ValueError):
+        raise ExportError(f"{path}: its metadata img_size is not a whole number") from None
     if metadata["classes"] != list(data.CLASSES):
-        raise ExportError(
-            f"the ONNX model has the classes {metadata['classes']}, not {list(data.CLASSES)}"
-        )
+        raise ExportError(f"{path} has the classes {metadata['classes']}, not {list(data.CLASSES)}")
+    check_onnx_signature(session, path)
     return metadata
+
+
+def metadata_json(found: dict, key: str, path: str | Path):
+    """The metadata entry `key` of an ONNX file, decoded from JSON."""
+    if key not in found:
+        raise ExportError(f"{path}: its metadata lacks {key}; export the model again")
+    try:
+        return json.loads(found[key])
+    except (json.JSONDecodeError, RecursionError):
+        raise ExportError(
+            f"{path}: its metadata {key} is not JSON; export the model again"
+        ) from None
+
+
+def check_onnx_signature(session, path: str | Path) -> None:
+    """Refuse a graph whose input is not `image` `(N, 3, H, W)` uint8, or whose output
+    `logits` has another number of channels than this project's classes."""
+    inputs = [(item.name, item.type, item.shape) for item in session.get_inputs()]
+    if len(inputs) != 1 or inputs[0][0] != "image" or inputs[0][1] != "tensor(uint8)":
+        raise ExportError(
+            f"{path} takes {inputs}, not one input `image` of uint8: it is not a model that "
+            "`python main.py export` wrote"
+        )
+    outputs = {item.name: item.shape for item in session.get_outputs()}
+    shape = outputs.get("logits")
+    if shape is None or len(shape) != 4 or shape[1] != data.NUM_CLASSES:
+        raise ExportError(
+            f"{path} gives {outputs}, not `logits` of shape (N, {data.NUM_CLASSES}, H, W): it "
+            "is not a model of this project's classes"
+        )
+
+
+def network_session(path: str | Path):
+    """An onnxruntime session of the network inside the ONNX file `path`: the part of its
+    graph between models.Segmenter's two resizes, which takes the normalized image at the
+    network's size and gives the logits at that size. Returns the session and the names of
+    its input and output. Needs the package onnx, to cut the graph."""
+    try:
+        import onnx
+        import onnx.utils
+    except ImportError:
+        raise missing_package("onnx", f"segmenting large pictures with {path}") from None
+    model_proto = onnx.load(str(path))
+    # In models.Segmenter's graph, the image resize is the first Resize, and the logits
+    # resize is the one that writes `logits`.
+    resizes = [node for node in model_proto.graph.node if node.op_type == "Resize"]
+    last = [node for node in resizes if list(node.output) == ["logits"]]
+    if not resizes or not last:
+        raise ExportError(f"{path}: its graph is not one that `python main.py export` writes")
+    input_name, output_name = resizes[0].output[0], last[0].input[0]
+    network = onnx.utils.Extractor(model_proto).extract_model([input_name], [output_name])
+    return onnx_session(path, network.SerializeToString()), input_name, output_name
 
 
 def export_checkpoint(model: str, out: Path) -> None:
@@ -188,6 +263,8 @@ def export_checkpoint(model: str, out: Path) -> None:
         raise UsageError(f"--out {out}: name an .onnx or a .pt2 file")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if "://" not in model and Path(model).resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the --model file: name another file, or it is lost")
     model_file = downloads.local_model_file(model)
     checkpoint = checkpoints.load_checkpoint(model_file)
     if depth.uses_depth(checkpoint.get("inputs", ["rgb"])):
@@ -202,5 +279,6 @@ def export_checkpoint(model: str, out: Path) -> None:
     else:
         export_program(segmenter, out)
     print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images of any size in, logits out"
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): uint8 images in (up to "
+        f"{MAX_EXPORT_BATCH} of up to {MAX_EXPORT_SIDE} px a side), logits out"
     )

@@ -61,7 +61,54 @@ def label_png_problem(raw: bytes) -> str | None:
     )
 
 
+# The most pixels a PNG may have: Pillow's decompression-bomb limit (a 2D-3D-S frame has
+# 1.2 million). A 20000 x 20000 frame would take 4.8 GB per copy in the loader.
+MAX_PNG_PIXELS = 89_478_485
+
+
+def png_size_problem(raw: bytes) -> str | None:
+    """Why a whole PNG is too large to decode (from the width and height of its IHDR chunk,
+    before anything is decoded), or None."""
+    if raw[12:16] != b"IHDR":
+        return "its first chunk is not IHDR (not a valid PNG)"
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if width * height > MAX_PNG_PIXELS:
+        return (
+            f"too large: {width} x {height} pixels, more than the {MAX_PNG_PIXELS:,} a PNG may "
+            "have here; scale it down or remove it"
+        )
+    return None
+
+
 def png_problem(raw: bytes, labels: bool = False) -> str | None:
     """What is wrong with the bytes of a PNG file (with `labels`, of a semantic PNG, which
     must be 8-bit RGB), or None when nothing is."""
-    return png_damage(raw) or (label_png_problem(raw) if labels else None)
+    return png_damage(raw) or png_size_problem(raw) or (label_png_problem(raw) if labels else None)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, data and the CRC-32 of type and data."""
+    crc = zlib.crc32(payload, zlib.crc32(kind))
+    return len(payload).to_bytes(4, "big") + kind + payload + crc.to_bytes(4, "big")
+
+
+def write_rgb_png(path, width: int, height: int, bands) -> None:
+    """Write an 8-bit RGB PNG from `bands`, numpy arrays `(rows, width, 3)` uint8 from top to
+    bottom, compressed as they come: a whole-picture encoder (Pillow's) holds the picture in
+    memory at 4 bytes a pixel. Each row uses the filter Sub (its bytes less those of the
+    pixel to its left), which compresses pictures far better than no filter."""
+    import numpy as np
+
+    compressor = zlib.compressobj(6)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    with open(path, "wb") as file:
+        file.write(PNG_SIGNATURE + png_chunk(b"IHDR", header))
+        for band in bands:
+            rows = band.reshape(band.shape[0], width * 3)
+            filtered = np.empty((rows.shape[0], width * 3 + 1), dtype=np.uint8)
+            filtered[:, 0] = 1  # the filter type Sub
+            filtered[:, 1:4] = rows[:, :3]
+            np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])  # modulo 256
+            file.write(png_chunk(b"IDAT", compressor.compress(filtered.tobytes())))
+        file.write(png_chunk(b"IDAT", compressor.flush()))
+        file.write(png_chunk(b"IEND", b""))

@@ -11,6 +11,7 @@ in a folder (RunFolderLock).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,8 +36,11 @@ def run_files_in(run_dir: Path) -> list[str]:
     return names + sorted(p.name for p in run_dir.glob(EVENTS_GLOB))[:1]
 
 
-def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to continue (None: a new run).
+def find_resume(
+    resume: str | None, logdir: str, name: str | None, name_given: bool = True
+) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to continue (None: a new run). `name_given`: the
+    user gave --name (else it is the default made of the model and the time).
 
     `resume` is None (a new run in LOGDIR/NAME), the path of a run's last.pt, or "auto":
     LOGDIR/NAME/last.pt when it exists, else a new run there, so that the same command,
@@ -60,6 +64,13 @@ def find_resume(resume: str | None, logdir: str, name: str | None) -> tuple[Path
         )
     if not path.is_file():  # before anything is written to its folder (the lock)
         checkpoints.load_checkpoint(path)  # raises with its message
+    if name_given and name is not None and (Path(logdir) / name).resolve() != path.parent.resolve():
+        # The run continues in its own folder: --name would be silently ignored.
+        raise CheckpointError(
+            f"--resume {path} continues the run in {path.parent}, not in {Path(logdir) / name} "
+            f"(--logdir {logdir} --name {name}): drop --name, or start a new run without "
+            "--resume"
+        )
     return path.parent, path
 
 
@@ -133,6 +144,24 @@ class RunFolderLock:
             self.file.close()  # closing the file releases the lock
 
 
+def progress_files(run_dir: Path) -> set[Path]:
+    """The TensorBoard events and the metrics.jsonl in `run_dir`."""
+    metrics = run_dir / "metrics.jsonl"
+    return set(run_dir.glob(EVENTS_GLOB)) | ({metrics} if metrics.exists() else set())
+
+
+def discard_unsaved_run(run_dir: Path, before: set[Path]) -> None:
+    """After a new run failed: when it saved no checkpoint, delete the events and metrics
+    files it made (those not in `before`, which may be another run's), which would make the
+    same command refuse the folder as holding a run, and suggest a --resume of a last.pt
+    that does not exist."""
+    if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
+        return
+    for path in progress_files(run_dir) - before:
+        with contextlib.suppress(OSError):  # the error being raised matters more
+            path.unlink()
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Add one JSON line to `path` and flush it to disk."""
     with open(path, "a") as file:
@@ -157,6 +186,31 @@ def trim_jsonl(path: Path, last_epoch: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(kept[e] + "\n" for e in sorted(kept)))
     os.replace(temporary, path)
+
+
+def restore_best(run_dir: Path, checkpoint: dict) -> bool:
+    """On resuming from `checkpoint` (RUN_DIR/last.pt): put back best.pt when a run was
+    killed between saving last.pt and best.pt. When the checkpoint's epoch was the best,
+    best.pt is that checkpoint; returns False when best.pt is missing and its epoch's
+    weights are lost (the caller then lets the next epoch write it)."""
+    best = run_dir / "best.pt"
+    epoch = checkpoint["epoch"]
+    at_boundary = "position" not in checkpoint  # mid-epoch weights are not its epoch's
+    was_best = epoch > 0 and checkpoint["metrics"].get("miou") == checkpoint["best_miou"]
+    if at_boundary and was_best and best_epoch(best) != epoch:
+        checkpoints.save_checkpoint(checkpoint, best)
+        tqdm.write(f"wrote {best}: the run stopped before saving it after epoch {epoch}")
+    return best.exists() or epoch == 0
+
+
+def best_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`, or None when there is none to read."""
+    if not path.is_file():
+        return None
+    try:
+        return checkpoints.load_checkpoint(path)["epoch"]
+    except CheckpointError:
+        return None
 
 
 def save_epoch(run_dir: Path, record: dict, checkpoint: dict, is_best: bool) -> None:

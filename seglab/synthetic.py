@@ -669,16 +669,21 @@ def refuse_foreign_root(out: Path, labels: list[str]) -> None:
         )
 
 
+# The largest frame side: four times the real frames' 1080 px. Rendering holds several
+# float arrays of a frame; at 100000 px it asked for 22 GB after writing the label list.
+MAX_SIZE = 4096
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write synthetic scenes in the 2D-3D-S format.")
     parser.add_argument("--out", required=True, help="root folder to write")
     parser.add_argument("--areas", nargs="+", default=list(AREAS), choices=AREAS, help="areas")
-    parser.add_argument("--images-per-area", type=int, default=24, help="frames per area")
-    parser.add_argument("--size", type=int, default=1080, help="frame width and height in px")
+    frames = cli.int_range(1)
+    parser.add_argument("--images-per-area", type=frames, default=24, help="frames per area")
+    side = cli.int_range(16, MAX_SIZE)
+    parser.add_argument("--size", type=side, default=1080, help="frame width and height in px")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
-    if args.images_per_area < 1 or args.size < 16:
-        parser.error("--images-per-area must be >= 1 and --size >= 16")
     return cli.run(write_tree, args, (DataError,))
 
 
