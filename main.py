@@ -11,9 +11,7 @@ memory) and on a CPU. `python main.py COMMAND --help` explains every flag.
 
 The file reads top to bottom: the training step and epoch, evaluation, the `train` command
 that wires data, model, loss and optimizer into the loop, then `test`, `predict` and
-`export`. The machinery they call (devices, checkpoints, the run folder, exact resume,
-cluster signals, TensorBoard, the cache, export, the command line) is in the package
-seglab/, one module each; seglab/__init__.py lists them.
+`export`. The machinery they call is in the package seglab/ (its __init__.py lists it).
 """
 
 from __future__ import annotations
@@ -258,22 +256,15 @@ def evaluate(
 def train(args: argparse.Namespace) -> int:
     """The `train` command: start a run, or continue one (--resume), in a run folder that
     no other process uses meanwhile; SIGTERM and SIGUSR1 stop it resumably."""
-    name_given = "name" in getattr(args, "given", {"name"})
+    name_given = "name" in getattr(args, "given", {"name"})  # --resume keeps the run's name
     run_dir, resume_path = runfolder.find_resume(args.resume, args.logdir, args.name, name_given)
     devices.setup_distributed()
-    earlier_files = runfolder.progress_files(run_dir)
     with (
         runfolder.RunFolderLock(run_dir, devices.is_main_process()) as lock,
+        runfolder.cleaned_if_unsaved(run_dir, lock, new_run=resume_path is None),
         preemption.StopRequests(args.checkpoint_minutes) as stop,
     ):
-        try:
-            return train_in(run_dir, lock, resume_path, args, stop)
-        except BaseException:
-            # A new run that failed before its first checkpoint removes the files it made,
-            # so that the same command can run again; only the process holding the folder.
-            if lock.file is not None and resume_path is None:
-                runfolder.discard_unsaved_run(run_dir, earlier_files)
-            raise
+        return train_in(run_dir, lock, resume_path, args, stop)
 
 
 def train_in(
@@ -302,11 +293,9 @@ def train_in(
         run_dir, resume is not None, devices.is_main_process(), restart=args.resume == "auto"
     )
     run, model_config = build_run(args, device, train_loader)
-    run.training_data = checkpoints.training_data(train_loader.dataset.frames)
     if resume is not None:
         checkpoints.restore_run(run, resume, resume_path)
-        if devices.is_main_process() and not runfolder.restore_best(run_dir, resume):
-            run.best_miou = -1.0  # best.pt is lost: the next epoch writes one
+        runfolder.restore_best(run_dir, resume, run)
     train_model = devices.training_model(run.model, device, args.sync_bn, args.compile)
 
     writer, preview = None, None  # TensorBoard: rank 0 only
@@ -422,6 +411,7 @@ def build_run(args: argparse.Namespace, device: torch.device, train_loader) -> t
     )  # fmt: skip
     scaler = devices.loss_scaler(device, args.amp and args.amp_dtype == "float16")
     run = Run(model, loss_fn, optimizer, scheduler, scaler, runstate.TrainingHealth(device))
+    run.training_data = checkpoints.training_data(train_set)  # which a resume must keep
     return run, model_config
 
 
@@ -544,24 +534,13 @@ def load_segmenter(
     inputs: a model trained with depth takes `(4, H, W)` (see seglab/depth.py)."""
     model_file = downloads.local_model_file(model)
     if model_file.suffix == ".onnx":
-        session = export.onnx_session(model_file)
-        metadata = export.read_onnx_metadata(session, model_file)  # other classes: refused
-        whole = functools.partial(segment_with_onnxruntime, session)
-        in_parts = functools.cache(lambda: onnx_segmenter_in_parts(model_file, metadata))
-        return functools.partial(inference.segment_by_size, whole, in_parts), ["rgb"]
+        # Q14's function on pictures up to 4 MP; larger ones in parts, to bound the memory.
+        return inference.onnx_segment(model_file, segment_with_onnxruntime), ["rgb"]
     network, checkpoint = checkpoints.load_model(model_file, device)
     inputs = checkpoint.get("inputs", ["rgb"])
     segmenter_class = depth.RGBDSegmenter if depth.uses_depth(inputs) else models.Segmenter
     segmenter = segmenter_class(network, checkpoint["img_size"])
     return functools.partial(inference.segment_in_parts, segmenter, device=device), inputs
-
-
-def onnx_segmenter_in_parts(model_file: Path, metadata: dict) -> Callable:
-    """`segment` for large pictures with an ONNX file: its network run by onnxruntime,
-    the resizes done by inference.segment_in_parts."""
-    network = inference.OnnxNetwork(model_file, metadata)
-    segmenter = models.Segmenter(network, metadata["img_size"])
-    return functools.partial(inference.segment_in_parts, segmenter, device="cpu")
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -606,14 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The errors of a user, not of the code: each ends the program with one line (cli.run).
 USER_ERRORS = (
-    data.DataError,
-    checkpoints.CheckpointError,
-    downloads.DownloadError,
-    TrainingStopped,
-    devices.UsageError,
-    export.ExportError,
-    cli.FlagError,
-)
+    data.DataError, checkpoints.CheckpointError, downloads.DownloadError, TrainingStopped,
+    devices.UsageError, export.ExportError, cli.FlagError,
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ any size), their depth files, and the files written for each.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import data
 import models
 import utils
-from seglab import depth, pngfiles
+from seglab import depth, export, pngfiles
 from seglab.devices import UsageError
 
 
@@ -301,3 +302,21 @@ def segment_by_size(
     if height * width <= ONNX_WHOLE_GRAPH_PIXELS:
         return whole(image)
     return in_parts()(image)
+
+
+def onnx_segment(
+    model_file: Path, segment_whole: Callable[[object, torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`segment(image)` with the ONNX file `model_file`: `segment_whole(session, image)` (the
+    file's whole graph, main.segment_with_onnxruntime) on pictures up to
+    ONNX_WHOLE_GRAPH_PIXELS; on larger ones its network run by onnxruntime and the resizes
+    done in parts by segment_in_parts."""
+    session = export.onnx_session(model_file)
+    metadata = export.read_onnx_metadata(session, model_file)  # other classes: refused
+
+    @functools.cache
+    def in_parts() -> Callable[[torch.Tensor], torch.Tensor]:
+        segmenter = models.Segmenter(OnnxNetwork(model_file, metadata), metadata["img_size"])
+        return functools.partial(segment_in_parts, segmenter, device="cpu")
+
+    return functools.partial(segment_by_size, functools.partial(segment_whole, session), in_parts)

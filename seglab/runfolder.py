@@ -150,16 +150,23 @@ def progress_files(run_dir: Path) -> set[Path]:
     return set(run_dir.glob(EVENTS_GLOB)) | ({metrics} if metrics.exists() else set())
 
 
-def discard_unsaved_run(run_dir: Path, before: set[Path]) -> None:
-    """After a new run failed: when it saved no checkpoint, delete the events and metrics
-    files it made (those not in `before`, which may be another run's), which would make the
-    same command refuse the folder as holding a run, and suggest a --resume of a last.pt
-    that does not exist."""
-    if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
-        return
-    for path in progress_files(run_dir) - before:
-        with contextlib.suppress(OSError):  # the error being raised matters more
-            path.unlink()
+@contextlib.contextmanager
+def cleaned_if_unsaved(run_dir: Path, lock: RunFolderLock, new_run: bool):
+    """Around a new run: when it fails before saving any checkpoint, delete the events and
+    metrics files it made (not those there before, which may be another run's). Left
+    behind, they would make the same command refuse the folder as holding a run, and
+    suggest a --resume of a last.pt that does not exist. Only the process holding the
+    folder's lock deletes anything."""
+    before = progress_files(run_dir)
+    try:
+        yield
+    except BaseException:
+        saved = (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()
+        if new_run and lock.file is not None and not saved:
+            for path in progress_files(run_dir) - before:
+                with contextlib.suppress(OSError):  # the error being raised matters more
+                    path.unlink()
+        raise
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -188,11 +195,13 @@ def trim_jsonl(path: Path, last_epoch: int) -> None:
     os.replace(temporary, path)
 
 
-def restore_best(run_dir: Path, checkpoint: dict) -> bool:
-    """On resuming from `checkpoint` (RUN_DIR/last.pt): put back best.pt when a run was
+def restore_best(run_dir: Path, checkpoint: dict, run) -> None:
+    """On resuming `run` from `checkpoint` (RUN_DIR/last.pt): put back best.pt when a run was
     killed between saving last.pt and best.pt. When the checkpoint's epoch was the best,
-    best.pt is that checkpoint; returns False when best.pt is missing and its epoch's
-    weights are lost (the caller then lets the next epoch write it)."""
+    best.pt is that checkpoint; when best.pt is missing and its epoch's weights are lost,
+    the run forgets its best score, so that the next epoch writes best.pt. Rank 0 only."""
+    if not devices.is_main_process():
+        return
     best = run_dir / "best.pt"
     epoch = checkpoint["epoch"]
     at_boundary = "position" not in checkpoint  # mid-epoch weights are not its epoch's
@@ -200,7 +209,8 @@ def restore_best(run_dir: Path, checkpoint: dict) -> bool:
     if at_boundary and was_best and best_epoch(best) != epoch:
         checkpoints.save_checkpoint(checkpoint, best)
         tqdm.write(f"wrote {best}: the run stopped before saving it after epoch {epoch}")
-    return best.exists() or epoch == 0
+    if not best.exists() and epoch > 0:
+        run.best_miou = -1.0
 
 
 def best_epoch(path: Path) -> int | None:
