@@ -9,15 +9,16 @@ checks it, rebuilds its model, and keeps the run folder's metrics.jsonl in step 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import json
 import os
 import pickle
+import platform
 import posixpath
 import re
 import secrets
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +30,21 @@ from torch import nn
 
 import data
 import models
+
+# The run folder's lock (RunFolderLock) is one the operating system releases when its
+# process ends in any way (kill -9, a crash, a laptop that shuts down), so it is never left
+# stale; a lock *file* that exists while a run goes on would need cleaning by hand after a
+# crash. POSIX has flock (fcntl); Windows has no fcntl but locks byte ranges of a file
+# (msvcrt.locking, Windows' LockFile), which it also releases when the process ends. Both
+# come with Python: no dependency.
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:  # every system but Windows
+    msvcrt = None
 
 CHECKPOINT_FORMAT = "segmentation-lab/1"
 # What every checkpoint holds; main.make_checkpoint writes these and the training state.
@@ -66,9 +82,21 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise CheckpointError(f"cannot write {path} ({error}); {kept}") from None
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)  # make the rename itself durable
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk where the system allows it. POSIX
+    opens a folder to fsync it; Windows refuses to open a folder with os.open, and some file
+    systems refuse the fsync: there the rename is still atomic (the old file or the new
+    one, whole), it only may not survive a power cut that follows it at once."""
     try:
-        os.fsync(directory)  # make the rename itself durable
+        directory = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(directory)
     finally:
         os.close(directory)
 
@@ -337,14 +365,48 @@ def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool, restart: 
         trim_jsonl(run_dir / "metrics.jsonl", 0)
 
 
+# msvcrt.locking locks bytes against reading too: it locks this one byte, far past the
+# holder's line, so that another process can still read who holds the folder.
+WINDOWS_LOCK_OFFSET = 1 << 20
+
+
+def try_lock(file) -> bool | None:
+    """Lock the open `file` for this process without waiting: True when it is locked, False
+    when another process holds it, None on a system with neither flock nor msvcrt."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            os.lseek(file.fileno(), WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            return None
+    except OSError:
+        return False
+    return True
+
+
+def unlock(file) -> None:
+    """Release the lock of `try_lock` before closing `file`. Closing releases a flock at once;
+    Windows releases a closed file's byte locks only when it gets to it, and asks programs
+    to unlock first."""
+    if fcntl is None and msvcrt is not None:
+        os.lseek(file.fileno(), WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+
+
 class RunFolderLock:
     """One process per run folder: an exclusive lock on RUN_DIR/.lock, held from `acquire`
-    to the end of the `with` block (by the main process only: `active`). The kernel
-    releases it when the process ends in any way, kill -9 included, so it is never left
-    stale. The file holds the holder's process id and host, for the message."""
+    to the end of the `with` block (by the main process only: `active`). The operating
+    system releases it when the process ends in any way, kill -9 included, so it is never
+    left stale. The file holds the holder's process id and host, for the message.
+
+    On a system without file locks (neither flock nor msvcrt, which no platform of PyTorch
+    lacks) the run goes on unlocked, with a warning: refusing to train would be worse than
+    the rare second training in the same folder."""
 
     def __init__(self, run_dir: Path, active: bool = True) -> None:
-        self.run_dir, self.active, self.file = run_dir, active, None
+        self.run_dir, self.active, self.file, self.locked = run_dir, active, None, False
 
     def __enter__(self) -> RunFolderLock:
         return self
@@ -359,9 +421,8 @@ class RunFolderLock:
             self.file = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 (held while training)
         except OSError as error:
             raise CheckpointError(f"cannot use the run folder {self.run_dir}: {error}") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        locked = try_lock(self.file)
+        if locked is False:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
@@ -370,14 +431,23 @@ class RunFolderLock:
                 f"{self.run_dir} is in use by process {holder}: one run folder, one training; "
                 "wait for it to end, or choose another --name"
             ) from None
+        if locked is None:
+            print(
+                f"warning: this system has no file locks: nothing stops a second training in "
+                f"{self.run_dir} at the same time",
+                file=sys.stderr,
+            )
+        self.locked = bool(locked)
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"{os.getpid()} on {os.uname().nodename}\n")
+        self.file.write(f"{os.getpid()} on {platform.node()}\n")
         self.file.flush()
 
     def __exit__(self, *exc_info) -> None:
         if self.file is not None:
-            self.file.close()  # closing the file releases the lock
+            if self.locked:
+                unlock(self.file)
+            self.file.close()  # closing the file also releases the lock
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -525,12 +595,7 @@ def download_checked(url: str, destination: Path, prefix: str, progress: bool) -
         raise CheckpointError(f"{failed}: {detail}; {untouched}") from None
     finally:
         temporary.unlink(missing_ok=True)  # also on Ctrl-C
-    with contextlib.suppress(OSError):  # the file is in place; only durability is at stake
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    sync_folder(folder)  # the file is in place; only durability is at stake
 
 
 def stream_to_file(url: str, path: Path, label: str, progress: bool) -> tuple[str, int, int | None]:
