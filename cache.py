@@ -345,7 +345,12 @@ def write_cache(
         )
     names: dict[str, list[str]] = {}
     skipped: list[str] = []
-    loader = DataLoader(FramesForCache(source), batch_size=None, num_workers=workers)
+    loader = DataLoader(
+        FramesForCache(source),
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context=data.worker_context(workers),
+    )
     with contextlib.ExitStack() as open_files:
         files: dict[str, tuple] = {}
         for index, image, mask, error in tqdm(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import data
 import preemption
 
 
@@ -102,6 +103,7 @@ def training_loader(
         drop_last=True,
         persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=data.worker_context(workers),
         # Its own generator for the workers' base seeds (unused: SeededFrames seeds each
         # frame), so that starting an epoch draws nothing from the training process's.
         generator=torch.Generator().manual_seed(seed),
