@@ -1,0 +1,194 @@
+"""Students' laptops: Windows (no fcntl, no SIGUSR1, loader workers spawned), Apple's GPU
+(MPS, with PyTorch's checks replaced: this machine has none) and the CPU-only install."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+from test_main import train_args
+
+import checkpoints
+
+LIKE_WINDOWS = ROOT / "tests" / "like_windows"
+
+
+def like_windows(log: Path) -> dict[str, str]:
+    """The environment of a process (and of its loader workers) that runs as on Windows:
+    tests/like_windows/sitecustomize.py, workers started with spawn, each process logged."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(LIKE_WINDOWS), str(ROOT)]),
+        "SEGLAB_START_METHOD": "spawn",
+        "LIKE_WINDOWS_LOG": str(log),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def run_like_windows(log: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python main.py ARGS` as on Windows."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        capture_output=True, text=True, cwd=ROOT, env=like_windows(log), timeout=300,
+    )  # fmt: skip
+
+
+def spawned_processes(log: Path) -> int:
+    """How many spawned processes (loader workers) ran as on Windows, by their lines in
+    `log` (multiprocessing's resource tracker, also a Python process, is not one)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(line.endswith(" spawned") for line in lines)
+
+
+def test_train_test_and_predict_run_as_on_windows(synthetic_root, tmp_path):
+    log = tmp_path / "processes.txt"
+    args = train_args(synthetic_root, tmp_path, "windows", 1, "--workers", "1")
+    result = run_like_windows(log, *args)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "windows"
+    assert {"best.pt", "last.pt", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}
+    # The lock went through msvcrt (no warning of a run without one), and was released.
+    assert "no file locks" not in result.stderr
+    holder_pid, on, _host = (run_dir / ".lock").read_text().split()
+    assert holder_pid.isdigit() and on == "on"
+    with checkpoints.RunFolderLock(run_dir) as lock:
+        lock.acquire()
+    # The workers of the two loaders (training and validation): spawned interpreters that
+    # ran under the same conditions.
+    assert spawned_processes(log) == 2
+
+    out = tmp_path / "test"
+    test_args = ["test", "--model", str(run_dir / "best.pt"), "--out", str(out), "--workers", "1"]
+    result = run_like_windows(log, *test_args)
+    assert result.returncode == 0, result.stderr
+    assert (out / "metrics.json").is_file()
+    assert spawned_processes(log) == 3  # and test's loader worker
+
+    frame = next((synthetic_root / "area_5a" / "data" / "rgb").glob("*.png"))
+    predictions = tmp_path / "predictions"
+    result = run_like_windows(
+        log, "predict", "--model", str(run_dir / "best.pt"), str(frame), "--out", str(predictions)
+    )
+    assert result.returncode == 0, result.stderr
+    assert (predictions / f"{frame.stem}_mask.png").is_file()
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+import checkpoints
+with checkpoints.RunFolderLock(Path(sys.argv[1])) as lock:
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+LOCK_CONTENDER = """
+import sys
+from pathlib import Path
+import checkpoints
+try:
+    checkpoints.RunFolderLock(Path(sys.argv[1])).acquire()
+except checkpoints.CheckpointError as error:
+    sys.exit(str(error))
+"""
+
+
+def test_the_run_folder_lock_works_without_fcntl(tmp_path):
+    """msvcrt's lock, as on Windows: a second process is refused with the holder's line,
+    and the lock goes with its process."""
+    run_dir = tmp_path / "run"
+    environment = like_windows(tmp_path / "processes.txt")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = subprocess.run(
+            [sys.executable, "-c", LOCK_CONTENDER, str(run_dir)],
+            capture_output=True, text=True, env=environment, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert f"is in use by process {holder.pid} on" in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    taken = subprocess.run(
+        [sys.executable, "-c", LOCK_CONTENDER, str(run_dir)],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )  # fmt: skip
+    assert taken.returncode == 0, taken.stderr
+
+
+def test_without_any_file_lock_a_run_goes_on_with_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoints, "fcntl", None)
+    monkeypatch.setattr(checkpoints, "msvcrt", None)
+    with checkpoints.RunFolderLock(tmp_path / "run") as lock:
+        lock.acquire()
+        assert f"no file locks: nothing stops a second training in {tmp_path / 'run'}" in (
+            capsys.readouterr().err
+        )
+        checkpoints.RunFolderLock(tmp_path / "run").acquire()  # not refused
+    assert (tmp_path / "run" / ".lock").read_text().startswith(f"{os.getpid()} on ")
+
+
+def test_a_checkpoint_is_saved_where_a_folder_cannot_be_opened(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def open_files_only(path, flags, *args, **kwargs):
+        if Path(path).is_dir():
+            raise PermissionError(13, "Permission denied", str(path))  # as on Windows
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_files_only)
+    checkpoints.save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    assert checkpoints.torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
+
+
+# What one platform lacks: modules of POSIX or of Windows, imported only in a `try`, and
+# attributes (`module.name`) that Windows lacks, not used at all (preemption.py takes
+# SIGUSR1 by name where it exists).
+PLATFORM_MODULES = {"fcntl", "msvcrt", "pwd", "grp", "resource", "termios", "winreg"}
+POSIX_ONLY = {
+    ("os", "uname"), ("os", "fork"), ("os", "getuid"), ("os", "killpg"), ("os", "setsid"),
+    ("os", "sched_getaffinity"), ("signal", "SIGUSR1"), ("signal", "SIGUSR2"),
+    ("signal", "SIGKILL"), ("signal", "SIGHUP"), ("signal", "SIGALRM"), ("signal", "alarm"),
+}  # fmt: skip
+
+
+def platform_dependencies(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, what) for each platform module imported outside a `try` and each use of an
+    attribute of POSIX_ONLY in a module's syntax tree."""
+    guarded = {
+        id(node)
+        for statement in ast.walk(tree)
+        if isinstance(statement, ast.Try)
+        for node in statement.body
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and id(node) not in guarded:
+            found += [(node.lineno, a.name) for a in node.names if a.name in PLATFORM_MODULES]
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and (node.value.id, node.attr) in POSIX_ONLY
+        ):
+            found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return found
+
+
+def test_the_project_imports_and_uses_nothing_that_windows_lacks():
+    found = [
+        f"{path.name}:{line} {what}"
+        for path in sorted(ROOT.glob("*.py"))
+        for line, what in platform_dependencies(ast.parse(path.read_text()))
+    ]
+    assert found == []
+    # The check itself finds them.
+    sample = "import fcntl\ntry:\n    import msvcrt\nexcept ImportError:\n    pass\nos.uname()\n"
+    assert platform_dependencies(ast.parse(sample)) == [(1, "fcntl"), (6, "os.uname")]
