@@ -15,6 +15,9 @@ import depth
 import losses
 import models
 
+# Where a command runs: auto picks an NVIDIA GPU (cuda), else Apple's GPU (mps), else the CPU.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
 
 def build_parser(
     run_command: dict[str, Callable[[argparse.Namespace], int]], description: str
@@ -152,12 +155,12 @@ def build_parser(
         "continues)",
     )
     add("--seed", type=cli.int_range(0, cli.MAX_SEED), default=0, help="random seed")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
+    add("--device", default="auto", choices=DEVICES, help="where to train")
     add(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision (default: on for CUDA, off on CPU)",
+        help="mixed precision (default: on for CUDA, off on CPU and MPS)",
     )
     add(
         "--channels-last",
@@ -170,7 +173,7 @@ def build_parser(
         default=None,
         choices=("float16", "bfloat16"),
         help="with --amp: float16 (with loss scaling) or bfloat16 (default: float16 on CUDA, "
-        "bfloat16 on CPU)",
+        "bfloat16 on CPU, on MPS float16 where loss scaling runs there)",
     )
     add(
         "--stop-after",
@@ -250,7 +253,7 @@ def build_parser(
         default=2,
         help="data loading processes",
     )
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    add("--device", default="auto", choices=DEVICES, help="where to run")
 
     predict_parser = commands.add_parser("predict", help="segment images", formatter_class=defaults)
     predict_parser.set_defaults(func=run_command["predict"])
@@ -267,7 +270,7 @@ def build_parser(
         "(default: found by name in a 2D-3D-S tree)",
     )
     add("--out", default="predictions", help="output folder")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    add("--device", default="auto", choices=DEVICES, help="where to run")
 
     export_parser = commands.add_parser(
         "export", help="write a model for programs without this project", formatter_class=defaults

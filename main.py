@@ -282,10 +282,7 @@ def train_in(
     args.areas = args.areas or list(data.FOLDS[args.fold or 1][0])  # fold 1 by default
     args.workers = 2 if args.workers is None else args.workers
     device = devices.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower on
-    # others: opt in with --amp after `python bench.py` says it pays.
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    args.amp, args.amp_dtype = devices.precision(device, args.amp, args.amp_dtype)
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     devices.seed_everything(args.seed)
 
@@ -411,6 +408,11 @@ def loss_scaler(device: torch.device, float16: bool) -> torch.amp.GradScaler:
     """The loss scaler: with float16 it keeps small gradients from vanishing (a dynamic
     scale); in every precision it skips, on the device, a step whose gradients are not
     finite, so that the step never waits for the host to decide."""
+    if not devices.can_scale_loss(device):
+        # A torch without the scaler's kernels for Apple's GPU: no scaler (and no float16,
+        # devices.precision refuses it). A non-finite step then reaches the weights, and the
+        # check that follows stops training with the last good checkpoint kept.
+        return torch.amp.GradScaler(device.type, enabled=False)
     if float16:
         return torch.amp.GradScaler(device.type)
     # A fixed scale of 1: a backoff factor that rounds to 1 in float32, no growth.
