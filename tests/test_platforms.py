@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import ROOT
-from test_main import train_args
+from test_main import run_cli, train_args
 
 import checkpoints
+import cli
+import devices
+import main
 
 LIKE_WINDOWS = ROOT / "tests" / "like_windows"
 
@@ -192,3 +198,137 @@ def test_the_project_imports_and_uses_nothing_that_windows_lacks():
     # The check itself finds them.
     sample = "import fcntl\ntry:\n    import msvcrt\nexcept ImportError:\n    pass\nos.uname()\n"
     assert platform_dependencies(ast.parse(sample)) == [(1, "fcntl"), (6, "os.uname")]
+
+
+# ----------------------------------------------------------------------------------------
+# Apple's GPU (MPS), with PyTorch's checks replaced: this machine has no Mac
+
+
+@pytest.fixture
+def fake_mac(monkeypatch):
+    """A Mac with Apple silicon, without CUDA, as PyTorch's checks see it. Returns the
+    settings to change: its macOS version and whether torch has the loss scaler's MPS
+    kernels."""
+    mac = {"macos": (14, 4), "scaler_kernels": True}
+    real_has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+
+    def has_kernel(operator: str, key: str) -> bool:
+        if key == "MPS":
+            return mac["scaler_kernels"] and operator.startswith("aten::_amp_")
+        return real_has_kernel(operator, key)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.backends.mps, "is_macos_or_newer", lambda major, minor: mac["macos"] >= (major, minor)
+    )
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", has_kernel)
+    return mac
+
+
+MPS = torch.device("mps")
+
+
+def test_auto_picks_apples_gpu_on_a_mac_in_one_process(fake_mac, monkeypatch):
+    assert devices.pick_device("auto") == MPS
+    assert devices.pick_device("mps") == MPS
+    assert devices.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(devices, "world_size", lambda: 2)  # under torchrun: the CPU
+    assert devices.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(devices.UsageError, match="--device mps trains in one process"):
+        devices.pick_device("mps")
+
+
+def test_auto_prefers_cuda_and_mps_is_refused_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert devices.pick_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(devices.UsageError, match=r"Apple's GPU \(MPS\) is not available here"):
+        devices.pick_device("mps")
+
+
+def test_every_command_takes_device_mps_and_says_when_there_is_none(synthetic_root, tmp_path):
+    parser = main.build_parser()
+    for command in (["train"], ["test", "--model", "m.pt"], ["predict", "--model", "m.pt", "x"]):
+        assert parser.parse_args([*command, "--device", "mps"]).device == "mps"
+    if torch.backends.mps.is_available():
+        return  # a Mac: the message below is for machines without Apple's GPU
+    result = run_cli(*train_args(synthetic_root, tmp_path, "mps", 1), "--device", "mps")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --device mps: Apple's GPU (MPS) is not available")
+    assert not (tmp_path / "mps").exists()
+
+
+def test_mps_trains_in_float32_unless_asked_and_amp_picks_what_it_supports(fake_mac):
+    assert devices.precision(MPS, None, None) == (False, "float16")  # float32 by default
+    assert devices.precision(MPS, True, None) == (True, "float16")
+    assert devices.precision(MPS, True, "bfloat16") == (True, "bfloat16")
+    assert devices.can_scale_loss(MPS)
+    # A torch without the loss scaler's MPS kernels: no float16, bfloat16 instead.
+    fake_mac["scaler_kernels"] = False
+    assert not devices.can_scale_loss(MPS)
+    assert devices.precision(MPS, True, None) == (True, "bfloat16")
+    with pytest.raises(devices.UsageError) as refused:
+        devices.precision(MPS, True, "float16")
+    assert str(refused.value) == (
+        "--amp with float16 on mps: float16 needs loss scaling, which this torch cannot do on "
+        "Apple's GPU; use --amp-dtype bfloat16, or drop --amp"
+    )
+    # ... and macOS 13, without bfloat16 on the GPU: float32 only.
+    fake_mac["macos"] = (13, 6)
+    assert devices.precision(MPS, None, None) == (False, "float16")
+    with pytest.raises(devices.UsageError, match="from macOS 14 on; drop --amp$"):
+        devices.precision(MPS, True, "bfloat16")
+
+
+def test_mps_without_autocast_refuses_amp(fake_mac, monkeypatch):
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    assert devices.precision(MPS, False, None) == (False, "float16")
+    with pytest.raises(devices.UsageError, match=r"no mixed precision \(autocast\) on Apple"):
+        devices.precision(MPS, True, None)
+
+
+def test_cpu_and_cuda_precision_are_unchanged():
+    assert devices.precision(torch.device("cpu"), None, None) == (False, "bfloat16")
+    assert devices.precision(torch.device("cpu"), True, "float16") == (True, "float16")
+    assert devices.precision(torch.device("cuda", 0), None, None) == (True, "float16")
+    assert devices.precision(torch.device("cuda", 0), False, "bfloat16") == (False, "bfloat16")
+
+
+def test_without_the_scalers_mps_kernels_training_runs_without_a_scaler(fake_mac):
+    assert main.loss_scaler(MPS, float16=False).is_enabled()
+    fake_mac["scaler_kernels"] = False
+    scaler = main.loss_scaler(MPS, float16=False)
+    assert not scaler.is_enabled()
+    loss = torch.tensor(2.0)
+    assert scaler.scale(loss) is loss  # the step runs as if there were no scaler
+
+
+MPS_MISSING = (
+    "The operator 'aten::upsample_bicubic2d.out' is not currently implemented for the MPS "
+    "device. If you want this op to be added in priority during the prototype phase of this "
+    "feature, please comment on https://github.com/pytorch/pytorch/issues/77764. As a "
+    "temporary fix, you can set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to "
+    "use the CPU as a fallback for this op. WARNING: this will be slower than running "
+    "natively on MPS."
+)
+
+
+def test_an_operation_missing_on_mps_ends_with_what_to_do(capsys):
+    def command(args):
+        raise NotImplementedError(MPS_MISSING)
+
+    assert cli.run(command, argparse.Namespace(), ()) == 2
+    assert capsys.readouterr().err == (
+        "error: this torch cannot run aten::upsample_bicubic2d.out on Apple's GPU (MPS): run "
+        "the command again with the environment variable PYTORCH_ENABLE_MPS_FALLBACK=1 (such "
+        "operations then run on the CPU), or with --device cpu\n"
+    )
+
+    def unrelated(args):
+        raise NotImplementedError("something else")
+
+    with pytest.raises(NotImplementedError, match="something else"):
+        cli.run(unrelated, argparse.Namespace(), ())
