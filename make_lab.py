@@ -34,9 +34,10 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
 The bundle holds the six scripts, the machinery they import (cache.py, check.py,
 checkpoints.py, cli.py, depth.py, devices.py, export.py), LAB.md, README.md, the setup files
 (requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
-synthetic.py, bench.py, progress.py, docs/ (the handout's figures among them), pyproject.toml
-and the self-checks (tests/conftest.py, tests/test_lab.py): the README's commands work in it,
-and its `bash test.sh` runs every self-check. The teacher-side tests, the teacher's guide
+synthetic.py, bench.py, progress.py and setup_check.py, docs/ (the handout's figures and
+install.md among them), pyproject.toml and the self-checks (tests/conftest.py,
+tests/test_lab.py): the README's commands work in it, and its `bash test.sh` runs every
+self-check. The teacher-side tests, the teacher's guide
 TEACHER.md (in the solution bundle only), figures.py and this script are left out, and so are
 the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
 line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). ``--out DIR`` may exist: the
@@ -100,7 +101,9 @@ COPIED_FILES: tuple[str, ...] = (
     ".gitignore",
     "bench.py",
     "progress.py",
+    "setup_check.py",
     "docs/benchmark.md",
+    "docs/install.md",
     "docs/demo.png",
     *(f"docs/lab/{name}.png" for name in LAB_FIGURES),
     "synthetic.py",

@@ -2,6 +2,7 @@
 
     python progress.py                          # Q1 done, Q2 not started, Q5 failing: ...
     python progress.py --json progress.json     # the same as JSON, for the teacher
+    python progress.py --setup                  # before the session: is this machine ready?
 
 Runs every self-check of tests/test_lab.py once (about half a minute on a laptop) and
 reports each question as done (all its checks pass), not started (its stub is still
@@ -21,6 +22,8 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import setup_check
 
 LAB_FOLDER = Path(__file__).resolve().parent
 CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
@@ -103,7 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the statuses to FILE")
     parser.add_argument("--name", default="", help="your name, written into the JSON file")
+    parser.add_argument(
+        "--setup",
+        nargs="?",
+        type=float,
+        const=setup_check.DEFAULT_SECONDS,
+        metavar="SECONDS",
+        help="instead, check this machine before the session: versions, device, PNG, "
+        "TensorBoard, and Q13's training time, measured for about SECONDS (default 20)",
+    )
     args = parser.parse_args(argv)
+    if args.setup is not None:
+        return setup_check.main(args.setup)
     try:
         statuses = question_statuses(run_self_checks(LAB_FOLDER))
     except RuntimeError as error:
