@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT
 from test_main import run_cli, train_args
 
+import cache
 import checkpoints
 import cli
 import devices
@@ -81,6 +82,17 @@ def test_train_test_and_predict_run_as_on_windows(synthetic_root, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (predictions / f"{frame.stem}_mask.png").is_file()
+
+
+def test_a_cache_written_by_loader_workers_is_the_one_written_without(synthetic_root, tmp_path):
+    """cache.py write's workers (started by spawn in CI's second pass) write the same bytes."""
+    alone, workers = tmp_path / "alone", tmp_path / "workers"
+    cache.write_cache(synthetic_root, alone, 32, areas=["1", "5a"], progress=False)
+    cache.write_cache(synthetic_root, workers, 32, areas=["1", "5a"], workers=2, progress=False)
+    files = sorted(path.relative_to(alone) for path in alone.rglob("*") if path.is_file())
+    assert files == sorted(p.relative_to(workers) for p in workers.rglob("*") if p.is_file())
+    for name in files:
+        assert (alone / name).read_bytes() == (workers / name).read_bytes(), name
 
 
 LOCK_HOLDER = """
@@ -198,6 +210,51 @@ def test_the_project_imports_and_uses_nothing_that_windows_lacks():
     # The check itself finds them.
     sample = "import fcntl\ntry:\n    import msvcrt\nexcept ImportError:\n    pass\nos.uname()\n"
     assert platform_dependencies(ast.parse(sample)) == [(1, "fcntl"), (6, "os.uname")]
+
+
+# ----------------------------------------------------------------------------------------
+# The install: setup.sh cpu, and the same commands without bash (docs/install.md)
+
+
+def setup_commands(*arguments: str) -> list[str]:
+    """The pip commands that `bash setup.sh ARGUMENTS` runs, as --dry-run prints them."""
+    result = subprocess.run(
+        ["bash", "setup.sh", "--dry-run", *arguments],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if " -m pip install " in line]
+
+
+PIP = ".venv/bin/python -m pip install --quiet"
+
+
+def test_setup_cpu_takes_torch_from_pytorchs_cpu_index_and_the_rest_from_pypi():
+    assert setup_commands("dev") == [
+        f"{PIP} --upgrade pip",
+        f"{PIP} -r requirements-dev.txt -c constraints.txt",
+    ]
+    assert setup_commands("cpu", "dev") == [
+        f"{PIP} --upgrade pip",
+        f"{PIP} torch torchvision -c constraints.txt --index-url https://download.pytorch.org/whl/cpu",
+        f"{PIP} -r requirements-dev.txt -c constraints.txt",
+    ]
+    assert setup_commands("cpu")[-1] == f"{PIP} -r requirements.txt -c constraints.txt"
+    refused = subprocess.run(
+        ["bash", "setup.sh", "--dry-run", "gpu"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert refused.returncode == 2
+    assert "unknown argument 'gpu'" in refused.stderr
+
+
+def test_the_install_guide_gives_setup_shs_commands_without_bash():
+    guide = (ROOT / "docs" / "install.md").read_text()
+    for command in setup_commands("cpu", "dev"):
+        arguments = command.removeprefix(".venv/bin/python ").replace(" --quiet", "")
+        assert f"$ .venv/bin/python {arguments}\n" in guide  # Linux and macOS
+        if "--index-url" not in arguments:  # PyPI's torch has no CUDA on Windows
+            assert f"\n.venv\\Scripts\\python {arguments}\n" in guide
+    assert "\npy -m venv .venv\n" in guide
 
 
 # ----------------------------------------------------------------------------------------
