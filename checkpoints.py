@@ -446,8 +446,9 @@ class RunFolderLock:
     def __exit__(self, *exc_info) -> None:
         if self.file is not None:
             if self.locked:
-                unlock(self.file)
-            self.file.close()  # closing the file also releases the lock
+                with contextlib.suppress(OSError):  # closing the file releases it too
+                    unlock(self.file)
+            self.file.close()
 
 
 def append_jsonl(path: Path, record: dict) -> None:
