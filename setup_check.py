@@ -278,7 +278,8 @@ def measure_q13(root: Path, device, seconds: float, imports: float, tensorboard:
     import checkpoints
     import devices
 
-    loader = loader_of(StandInFrames(root, Q13_RUN.img_size, Q13_RUN.train_frames), 2)
+    frames = StandInFrames(root, Q13_RUN.img_size, Q13_RUN.train_frames)
+    loader = loader_of(frames, Q13_RUN.workers)
     start = time.perf_counter()
     batches = endless(loader)
     next(batches)  # spawned workers (Windows, macOS) import torch again, each
