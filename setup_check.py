@@ -333,9 +333,8 @@ def import_libraries() -> tuple[Result, float]:
         advice = "install the requirements as docs/install.md says"
         return Result("torch", False, f"cannot import {error.name}: {advice}"), 0.0
     seconds = time.perf_counter() - start
-    return Result("torch", True, f"{torch.__version__}, torchvision {torchvision.__version__}"), (
-        seconds
-    )
+    versions = f"{torch.__version__}, torchvision {torchvision.__version__}"
+    return Result("torch", True, versions), seconds
 
 
 def check_device():
