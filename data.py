@@ -20,8 +20,10 @@ pre-decoded cache in seglab/cache.py and the file checker in seglab/check.py.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -468,11 +470,14 @@ def eval_transforms(img_size: int, resize_mask: bool = True) -> T.Transform:
     resize = T.Resize((img_size, img_size), antialias=True)
     if resize_mask:
         return resize
+    # A module-level function, not a nested one: loader workers started with spawn
+    # (Windows, macOS) receive the dataset, transforms included, pickled.
+    return functools.partial(resize_image_only, resize)
 
-    def resize_image_only(image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple:
-        return resize(image), mask
 
-    return resize_image_only
+def resize_image_only(resize: T.Transform, image: tv_tensors.Image, mask: tv_tensors.Mask):
+    """`(resize(image), mask)`: the transforms of eval_transforms(resize_mask=False)."""
+    return resize(image), mask
 
 
 # ImageNet statistics: the pretrained backbones of models.py expect them, and they are a
@@ -596,7 +601,30 @@ def make_loader(
         # The workers' base seeds come from a generator of their own, so that starting an
         # epoch draws nothing from the training process's random numbers.
         generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=worker_context(workers),
     )
+
+
+# How loader workers start, when set: "spawn" (a fresh interpreter that imports the modules
+# and unpickles the dataset, as on Windows and macOS), "fork" (a copy of the process, the
+# default on Linux) or "forkserver". Unset, the platform's default. On Linux,
+# SEGLAB_START_METHOD=spawn checks that the loaders also work where workers are spawned.
+START_METHOD_VARIABLE = "SEGLAB_START_METHOD"
+
+
+def worker_context(workers: int):
+    """The multiprocessing context of a loader with `workers` workers: the start method of
+    $SEGLAB_START_METHOD, or None (the platform's default) when it is unset or there are no
+    workers (DataLoader refuses a context without them)."""
+    method = os.environ.get(START_METHOD_VARIABLE, "")
+    if workers == 0 or not method:
+        return None
+    if method not in multiprocessing.get_all_start_methods():
+        raise DataError(
+            f"${START_METHOD_VARIABLE} is {method!r}: loader workers start here with one of "
+            f"{', '.join(multiprocessing.get_all_start_methods())}"
+        )
+    return multiprocessing.get_context(method)
 
 
 class ShardSampler(Sampler):

@@ -19,6 +19,10 @@ $python main.py train --datadir "$out/data" --areas 1 2 3 4 6 --val-areas 5a \
   --logdir "$out/runs" --name unet-small
 $python main.py test --model "$out/runs/unet-small/best.pt" --datadir "$out/data" --areas 5b \
   --out "$out/test" --save-predictions
-mapfile -t frames < <(ls "$out"/data/area_5b/data/rgb/*.png | head -n 3)
+# The first three frames of area 5b (a loop, not mapfile: macOS comes with bash 3.2).
+frames=()
+for frame in "$out"/data/area_5b/data/rgb/*.png; do
+  if [[ ${#frames[@]} -lt 3 ]]; then frames+=("$frame"); fi
+done
 $python main.py predict --model "$out/runs/unet-small/best.pt" "${frames[@]}" --out "$out/predictions"
 echo "demo finished in $((SECONDS - start)) s: test results in $out/test, pictures in $out/predictions"

@@ -2,6 +2,7 @@
 
     python progress.py                          # Q1 done, Q2 not started, Q5 failing: ...
     python progress.py --json progress.json     # the same as JSON, for the teacher
+    python progress.py --setup                  # before the session: is this machine ready?
 
 Runs every self-check of tests/test_lab.py once (about half a minute on a laptop) and
 reports each question as:
@@ -35,6 +36,8 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from seglab import cli, setup_check
 
 LAB_FOLDER = Path(__file__).resolve().parent
 CHECK_NAME = re.compile(r"^test_q(?P<number>\d\d)_")
@@ -224,17 +227,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the statuses to FILE")
     parser.add_argument("--name", default="", help="your name, written into the JSON file")
+    parser.add_argument(
+        "--setup",
+        nargs="?",
+        type=float,
+        const=setup_check.DEFAULT_SECONDS,
+        metavar="SECONDS",
+        help="instead, check this machine before the session: versions, device, PNG, "
+        "TensorBoard, and Q13's training time, measured for about SECONDS (default 20)",
+    )
     args = parser.parse_args(argv)
-    try:
-        if args.json:
-            check_json_path(Path(args.json))
-        statuses = with_own_outputs(question_statuses(run_self_checks(LAB_FOLDER)), LAB_FOLDER)
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no question checked", file=sys.stderr)
-        return 130
+    if args.setup is not None:
+        return setup_check.main(args.setup)
+    return cli.run(report_progress, args, (RuntimeError,))
+
+
+def report_progress(args: argparse.Namespace) -> int:
+    """Run the self-checks, print one line per question (and write --json); exit status 0
+    when every question is done."""
+    if args.json:
+        check_json_path(Path(args.json))
+    statuses = with_own_outputs(question_statuses(run_self_checks(LAB_FOLDER)), LAB_FOLDER)
     for status in statuses:
         print(status.line())
     done = sum(status.status == "done" for status in statuses)

@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 
 import data
 from data import DataError
-from seglab import cli, depth, downloads
+from seglab import cli, depth, downloads, filesystem
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = "stanford2d3ds-decoded-cache"
@@ -298,23 +298,26 @@ CACHE_LOCK = ".lock"
 
 @contextlib.contextmanager
 def locked_cache_dir(out: Path):
-    """Create `out` and hold an exclusive lock on OUT/.lock until the block ends (the kernel
-    releases it when the process dies in any way); DataError when another process holds it."""
-    import fcntl
-
+    """Create `out` and hold an exclusive lock on OUT/.lock until the block ends (the system
+    releases it when the process dies in any way: seglab/filesystem.py); DataError when
+    another process holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / CACHE_LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    lock_path = out / CACHE_LOCK
+    with open(lock_path, "a+") as lock:
+        if filesystem.try_lock(lock) is False:
             raise DataError(
                 f"--out {out} is being written by another `cache write`: wait for it to end, or "
                 "choose another --out"
-            ) from None
+            )
         try:
             yield
-        finally:  # removed while still held: a later run locks a file of its own
-            (out / CACHE_LOCK).unlink(missing_ok=True)
+        finally:
+            # Removed while still held, so that a later run locks a file of its own (Windows
+            # refuses to remove an open file: there it stays, and is unlocked).
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            with contextlib.suppress(OSError):
+                filesystem.unlock(lock)
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -426,7 +429,12 @@ def write_frames(
 
     names: dict[str, list[str]] = {}
     skipped: list[str] = []
-    loader = DataLoader(FramesForCache(source), batch_size=None, num_workers=workers)
+    loader = DataLoader(
+        FramesForCache(source),
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context=data.worker_context(workers),
+    )
     with contextlib.ExitStack() as open_files:
         files: dict[str, tuple] = {}
         for index, image, mask, error in tqdm(

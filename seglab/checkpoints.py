@@ -25,7 +25,7 @@ from torch import nn
 
 import data
 import models
-from seglab import cli, devices
+from seglab import cli, devices, filesystem
 
 CHECKPOINT_FORMAT = "segmentation-lab/1"
 # What every checkpoint holds; main.make_checkpoint writes these and the training state.
@@ -63,11 +63,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise CheckpointError(f"cannot write {path} ({error}); {kept}") from None
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    filesystem.sync_folder(path.parent)  # make the rename itself durable
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -299,6 +299,23 @@ def cuda_oom_message(args: argparse.Namespace) -> str:
     return f"CUDA ran out of memory with {' and '.join(flags) or 'this input'}: lower them"
 
 
+# PyTorch's message for an operation that it has no kernel of on Apple's GPU (MPS).
+MPS_MISSING_OPERATOR = re.compile(
+    r"operator '(?P<name>[^']+)' is not currently implemented for the MPS device"
+)
+
+
+def mps_fallback_advice(operator: str) -> str:
+    """What to do when this torch lacks `operator` on Apple's GPU. PyTorch reads
+    PYTORCH_ENABLE_MPS_FALLBACK when it is imported, so the program cannot turn it on for
+    itself: the command runs again with it, and such operations then run on the CPU."""
+    return (
+        f"this torch cannot run {operator} on Apple's GPU (MPS): run the command again with "
+        "the environment variable PYTORCH_ENABLE_MPS_FALLBACK=1 (such operations then run on "
+        "the CPU), or with --device cpu"
+    )
+
+
 def run(
     command: Callable[[argparse.Namespace], int],
     args: argparse.Namespace,
@@ -330,8 +347,13 @@ def run(
         return INTERRUPTED_STATUS
     except NotImplementedError as error:
         # In the students' version of the lab, an unanswered question raises this with a
-        # message that names it; any other NotImplementedError keeps its traceback.
+        # message that names it; so does PyTorch for an operation it lacks on Apple's GPU.
+        # Any other NotImplementedError keeps its traceback.
         message = error_message(error)
+        missing_on_mps = MPS_MISSING_OPERATOR.search(message)
+        if missing_on_mps:
+            print(f"error: {mps_fallback_advice(missing_on_mps['name'])}", file=sys.stderr)
+            return 2
         if not LAB_STUB_MESSAGE.match(message):
             raise
         print(f"error: {message} (the program needs it)", file=sys.stderr)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from seglab import filesystem
+
 
 class DownloadError(Exception):
     """A file that cannot be downloaded, or one that is not what its name says; the message
@@ -157,12 +159,7 @@ def download_checked(url: str, destination: Path, prefix: str, progress: bool) -
         raise DownloadError(f"{failed}: {detail}; {untouched}") from None
     finally:
         temporary.unlink(missing_ok=True)  # also on Ctrl-C
-    with contextlib.suppress(OSError):  # the file is in place; only durability is at stake
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    filesystem.sync_folder(folder)  # the file is in place; only durability is at stake
 
 
 def remove_stale_partials(folder: Path) -> None:

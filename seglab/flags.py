@@ -18,6 +18,9 @@ import losses
 import models
 from seglab import cli, depth, devices
 
+# Where a command runs: auto picks an NVIDIA GPU (cuda), else Apple's GPU (mps), else the CPU.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
 
 def build_parser(
     run_command: dict[str, Callable[[argparse.Namespace], int]], description: str
@@ -156,12 +159,12 @@ def build_parser(
         "continues)",
     )
     add("--seed", type=cli.int_range(0, cli.MAX_SEED), default=0, help="random seed")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
+    add("--device", default="auto", choices=DEVICES, help="where to train")
     add(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision (default: on for CUDA, off on CPU)",
+        help="mixed precision (default: on for CUDA, off on CPU and MPS)",
     )
     add(
         "--channels-last",
@@ -174,7 +177,7 @@ def build_parser(
         default=None,
         choices=("float16", "bfloat16"),
         help="with --amp: float16 (with loss scaling) or bfloat16 (default: float16 on CUDA, "
-        "bfloat16 on CPU)",
+        "bfloat16 on CPU, on MPS float16 where loss scaling runs there)",
     )
     add(
         "--stop-after",
@@ -254,7 +257,7 @@ def build_parser(
         default=2,
         help="data loading processes",
     )
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    add("--device", default="auto", choices=DEVICES, help="where to run")
 
     predict_parser = commands.add_parser("predict", help="segment images", formatter_class=defaults)
     predict_parser.set_defaults(func=run_command["predict"])
@@ -271,7 +274,7 @@ def build_parser(
         "(default: found by name in a 2D-3D-S tree)",
     )
     add("--out", default="predictions", help="output folder")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    add("--device", default="auto", choices=DEVICES, help="where to run")
 
     export_parser = commands.add_parser(
         "export", help="write a model for programs without this project", formatter_class=defaults
@@ -354,9 +357,6 @@ def settle_train_defaults(args: argparse.Namespace) -> torch.device:
     args.areas = args.areas or list(data.FOLDS[args.fold or 1][0])  # fold 1 by default
     args.workers = 2 if args.workers is None else args.workers
     device = devices.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    # bfloat16 on a CPU is 2x faster than float32 on some (AVX-512 BF16) and 18x slower on
-    # others: opt in with --amp after `python -m seglab.bench` says it pays.
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    args.amp, args.amp_dtype = devices.precision(device, args.amp, args.amp_dtype)
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     return device

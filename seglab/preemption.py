@@ -24,7 +24,10 @@ from seglab import devices
 # Exit status of a run that stopped on request after saving its checkpoint: resume it.
 # (75 is EX_TEMPFAIL of sysexits.h, "temporary failure, try again later".)
 EXIT_RESUMABLE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGUSR1 exists on POSIX systems only: on Windows, SIGTERM alone asks a run to stop.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
 
 
 class StopRequests:

@@ -12,15 +12,16 @@ in a folder (RunFolderLock).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
+import platform
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from seglab import checkpoints, devices, runstate
+from seglab import checkpoints, devices, filesystem, runstate
 from seglab.checkpoints import CheckpointError
 
 # The files of a run: a new run never starts in a folder that holds one of them.
@@ -103,12 +104,17 @@ def prepare_run_dir(run_dir: Path, resuming: bool, main_process: bool, restart: 
 
 class RunFolderLock:
     """One process per run folder: an exclusive lock on RUN_DIR/.lock, held from `acquire`
-    to the end of the `with` block (by the main process only: `active`). The kernel
-    releases it when the process ends in any way, kill -9 included, so it is never left
-    stale. The file holds the holder's process id and host, for the message."""
+    to the end of the `with` block (by the main process only: `active`). The operating
+    system releases it when the process ends in any way, kill -9 included, so it is never
+    left stale (seglab/filesystem.py). The file holds the holder's process id and host, for
+    the message.
+
+    On a system without file locks (neither flock nor msvcrt, which no platform of PyTorch
+    lacks) the run goes on unlocked, with a warning: refusing to train would be worse than
+    the rare second training in the same folder."""
 
     def __init__(self, run_dir: Path, active: bool = True) -> None:
-        self.run_dir, self.active, self.file = run_dir, active, None
+        self.run_dir, self.active, self.file, self.locked = run_dir, active, None, False
 
     def __enter__(self) -> RunFolderLock:
         return self
@@ -123,9 +129,8 @@ class RunFolderLock:
             self.file = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 (held while training)
         except OSError as error:
             raise CheckpointError(f"cannot use the run folder {self.run_dir}: {error}") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        locked = filesystem.try_lock(self.file)
+        if locked is False:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
@@ -133,15 +138,25 @@ class RunFolderLock:
             raise CheckpointError(
                 f"{self.run_dir} is in use by process {holder}: one run folder, one training; "
                 "wait for it to end, or choose another --name"
-            ) from None
+            )
+        if locked is None:
+            print(
+                f"warning: this system has no file locks: nothing stops a second training in "
+                f"{self.run_dir} at the same time",
+                file=sys.stderr,
+            )
+        self.locked = bool(locked)
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"{os.getpid()} on {os.uname().nodename}\n")
+        self.file.write(f"{os.getpid()} on {platform.node()}\n")
         self.file.flush()
 
     def __exit__(self, *exc_info) -> None:
         if self.file is not None:
-            self.file.close()  # closing the file releases the lock
+            if self.locked:
+                with contextlib.suppress(OSError):  # closing the file releases it too
+                    filesystem.unlock(self.file)
+            self.file.close()
 
 
 def progress_files(run_dir: Path) -> set[Path]:

@@ -32,13 +32,13 @@ edited by hand. The lab's six scripts mark their exercises with two comment line
   session too short for all of them.
 
 The bundle holds the six scripts, progress.py, the package seglab/ (the machinery they
-import, the synthetic data and the benchmark), LAB.md, README.md, the setup files
-(requirements, constraints.txt, environment.yml, setup.sh, demo.sh, test.sh, .gitignore),
-docs/ (the handout's figures among them), slurm/, pyproject.toml and the self-checks
-(tests/conftest.py, tests/test_lab.py): the README's commands work in it, and its
-`bash test.sh` runs every self-check. The teacher-side tests and teacher/ (this script,
-figures.py, lab_timing.py; the teacher's guide TEACHER.md goes in the solution bundle
-only) are left out, and so are
+import, the synthetic data, the benchmark and the check before the session), LAB.md,
+README.md, the setup files (requirements, constraints.txt, environment.yml, setup.sh,
+demo.sh, test.sh, .gitignore), docs/ (the handout's figures and the set-up guide among
+them), slurm/, pyproject.toml and the self-checks (tests/conftest.py, tests/test_lab.py):
+the README's commands work in it, and its `bash test.sh` runs every self-check. The
+teacher-side tests and teacher/ (this script, figures.py, lab_timing.py, class_view.py; the
+teacher's guide TEACHER.md goes in the solution bundle only) are left out, and so are
 the lines of README.md marked ``<!-- teacher -->`` (a line holding it, or a block between a
 line ``<!-- teacher -->`` and a line ``<!-- /teacher -->``). With ``--give``, the bundle also
 holds GIVEN, the questions given solved, one ``Qn`` a line (progress.py --json reports them).
@@ -89,6 +89,7 @@ DOC_PAGES: tuple[str, ...] = (
     "data",
     "dependencies",
     "inference",
+    "install",
     "slurm",
     "training",
 )
@@ -113,12 +114,14 @@ COPIED_FILES: tuple[str, ...] = (
             "evaluation",
             "explore",
             "export",
+            "filesystem",
             "flags",
             "inference",
             "pngfiles",
             "preemption",
             "runfolder",
             "runstate",
+            "setup_check",
             "synthetic",
             "tensorboard_log",
         )

@@ -1,8 +1,15 @@
 """Shared test setup: the scripts are imported from the repository root, and a tiny
-synthetic 2D-3D-S tree is made once per test session."""
+synthetic 2D-3D-S tree is made once per test session.
+
+With SEGLAB_START_METHOD set (e.g. to spawn, as on Windows and macOS), every worker process
+of the tests starts with that method: the project's loaders read the variable themselves
+(data.worker_context), and the tests' own DataLoaders follow the default set here.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +20,9 @@ sys.path.insert(0, str(ROOT))
 # The teacher's tools, for the teacher-side tests (absent from the student bundle).
 if (ROOT / "teacher").is_dir():
     sys.path.insert(1, str(ROOT / "teacher"))
+
+if os.environ.get("SEGLAB_START_METHOD"):
+    multiprocessing.set_start_method(os.environ["SEGLAB_START_METHOD"], force=True)
 
 # The real label file, when the project sits beside the shared folder that holds it.
 REAL_LABELS = ROOT.parent / "shared" / "stanford2d3ds" / "semantic_labels.json"

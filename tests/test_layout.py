@@ -68,7 +68,8 @@ def test_the_root_holds_the_lab_and_the_bundle_the_same_files(tmp_path):
         capture_output=True,
     )
     assert sorted(path.name for path in bundle.glob("*.py")) == root_files
-    assert (bundle / "seglab" / "__init__.py").is_file()
+    package = sorted(path.name for path in (ROOT / "seglab").glob("*.py"))
+    assert sorted(path.name for path in (bundle / "seglab").glob("*.py")) == package
     assert not (bundle / "teacher").exists()
 
 
