@@ -5,7 +5,8 @@ Commands: `python -m seglab.MODULE --help` from the project folder.
 
 - cli: argument types that refuse bad values, help texts, every program's errors as one line
 - flags: main.py's commands and every flag, with its help and its check
-- devices: CPU or GPU, torchrun and DistributedDataParallel, precision, the loss scaler
+- devices: CPU, CUDA or Apple's GPU, torchrun and DistributedDataParallel, precision, the
+  loss scaler
 - runstate: exact resume (data order and augmentations by seed, epoch and frame; random
   states) and the step's health, kept on the device between checks
 - preemption: a cluster's stop signals and --checkpoint-minutes: save, then exit 75
@@ -21,6 +22,8 @@ Commands: `python -m seglab.MODULE --help` from the project folder.
 - explore: `python -m seglab.explore show | histogram`, on a raw root or a cache
 - check: `python -m seglab.check`, every file of a data set; checks training makes
 - pngfiles: damaged PNGs, found before a decoder can crash on them
+- filesystem: file locks released with their process (flock, msvcrt), flushing a folder
+- setup_check: `python progress.py --setup`, the check of a machine before the session
 - synthetic: `python -m seglab.synthetic`, scenes in the exact 2D-3D-S format
 - bench: `python -m seglab.bench`, the speed benchmark
 

@@ -442,7 +442,3 @@ def main(seconds: float = DEFAULT_SECONDS) -> int:
         passed = passed and result.ok
     print("ready for the lab" if passed else "not ready: see docs/install.md")
     return 0 if passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SECONDS))

@@ -90,6 +90,7 @@ DOC_PAGES: tuple[str, ...] = (
     "dependencies",
     "inference",
     "install",
+    "limits",
     "slurm",
     "training",
 )

@@ -63,7 +63,7 @@ PROGRAMS = (
 
 # Pages that the documentation links to and that are written separately: a link to one of
 # them may point nowhere until it exists, and then its entry goes.
-WRITTEN_SEPARATELY = frozenset({"docs/install.md"})
+WRITTEN_SEPARATELY: frozenset[str] = frozenset()
 
 # Words that start a command of another tool: its flags are that tool's, not checked here.
 EXTERNAL_TOOLS = frozenset(
