@@ -19,17 +19,10 @@ import pytest
 import torch
 from conftest import ROOT
 from test_main import train_args
+from test_resume import one_error_line
 
 import main
 from seglab import checkpoints, synthetic
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    [line] = err.strip().splitlines()
-    assert line.startswith("error: ")
-    return line
 
 
 @pytest.fixture
