@@ -262,6 +262,7 @@ def train(args: argparse.Namespace) -> int:
     with (
         runfolder.RunFolderLock(run_dir, devices.is_main_process()) as lock,
         runfolder.cleaned_if_unsaved(run_dir, lock, new_run=resume_path is None),
+        tensorboard_log.closing_writers(),  # before the cleaning, which it must not race
         preemption.StopRequests(args.checkpoint_minutes) as stop,
     ):
         return train_in(run_dir, lock, resume_path, args, stop)

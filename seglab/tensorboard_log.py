@@ -6,6 +6,7 @@ preview frames with their labels and predictions, and the confusion matrix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,9 @@ import utils
 from seglab import devices
 from seglab.checkpoints import plain_args
 
+# The writers of open_tensorboard not closed yet (see closing_writers).
+OPEN_WRITERS: list = []
+
 
 def open_tensorboard(run_dir: Path, resuming: bool, step: int, args, model_config: dict):
     """A SummaryWriter on the run folder, with the run's configuration as text."""
@@ -28,7 +32,22 @@ def open_tensorboard(run_dir: Path, resuming: bool, step: int, args, model_confi
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resuming else None)
     config_text = json.dumps({"args": plain_args(args), "model": model_config}, indent=2)
     writer.add_text("config", f"```\n{config_text}\n```", step)
+    OPEN_WRITERS.append(writer)
     return writer
+
+
+@contextlib.contextmanager
+def closing_writers():
+    """Close the writers that open_tensorboard opens inside the block when it ends, in any
+    way. TensorBoard writes its events from a thread of its own and reopens the file for
+    each write: a writer left open after a failure could write its events file again after
+    the run folder was cleaned (runfolder.cleaned_if_unsaved), or lose its last events."""
+    try:
+        yield
+    finally:
+        while OPEN_WRITERS:
+            with contextlib.suppress(OSError):  # a full disk: the error in flight matters more
+                OPEN_WRITERS.pop().close()
 
 
 def preview_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
