@@ -13,7 +13,10 @@ numbers, and the health of the weights, kept on the device between checks.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
+import multiprocessing
 import signal
 
 import torch
@@ -107,6 +110,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     it saves where it is. The training process stops its workers itself."""
     for number in preemption.STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+def end_loader_workers() -> None:
+    """At the training process's exit, before multiprocessing's own exit function (atexit
+    runs the later registration first). That function sends SIGTERM to the loader workers
+    still running, which ignore it (ignore_stop_signals), then waits for them: forever.
+    Workers still run when their loader's iterator was never shut down, e.g. held by the
+    traceback of the error that ended training. Collecting such cycles shuts the workers
+    down as usual; any left are killed."""
+    gc.collect()
+    for child in multiprocessing.active_children():
+        if child.daemon:  # the loader workers; multiprocessing would SIGTERM them anyway
+            child.kill()
+
+
+atexit.register(end_loader_workers)
 
 
 def random_states() -> dict:

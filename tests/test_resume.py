@@ -160,3 +160,35 @@ def test_one_run_folder_one_process_and_a_kill_frees_it(finished_run, tmp_path, 
         lock.acquire()
         with pytest.raises(checkpoints.CheckpointError, match="in use by process"):
             runfolder.RunFolderLock(run_dir).acquire()
+
+
+LEAKED_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from seglab import runstate
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, index):
+        return index
+
+loader = torch.utils.data.DataLoader(
+    Numbers(), batch_size=2, num_workers=1, persistent_workers=True,
+    worker_init_fn=runstate.ignore_stop_signals,
+)
+batches = iter(loader)
+next(batches)
+kept = [batches]  # never shut down, as by the traceback of an error that ended training
+"""
+
+
+def test_a_process_exits_even_with_a_loader_worker_it_never_shut_down():
+    """Loader workers ignore SIGTERM, which multiprocessing sends its workers at exit before
+    waiting for them: without runstate.end_loader_workers the process would never end."""
+    result = subprocess.run(
+        [sys.executable, "-c", LEAKED_WORKER, str(ROOT)], capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
